@@ -1,0 +1,113 @@
+"""Typed training configuration, mapped one-to-one onto the command line and validated once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from ganlib.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines one training run (with the seed, it fixes the result on CPU)."""
+
+    net: str = "dcgan"            # network family: mlp | dcgan | resnet
+    size: int = 28                # image side, px
+    width: int = 64               # base channel width of conv networks
+    latent_dim: int = 100         # length of the latent vector z
+    channels: int = 0             # image channels; 0 = the dataset's native channels
+    data: str = "mnist5k"         # dataset spec, e.g. mnist5k:classes=5-9:n=25 (see ganlib.data.DataSpec)
+    data_root: str = ""           # torchvision datasets root; "" = $GANBENCH_DATA or ~/.cache/ganbench/data
+    download: bool = False        # let torchvision download missing datasets (needs internet)
+    loss: str = "nonsat"          # nonsat | hinge
+    r1_gamma: float = 0.0         # R1 penalty weight gamma on real images; 0 = off
+    r1_interval: int = 16         # lazy R1: apply every this many D steps, scaled by the interval
+    steps: int = 300              # optimisation steps (each: one D step and one G step)
+    batch: int = 64               # images per process per step
+    lr_g: float = 2e-4            # Adam learning rate of G (and G-side extras)
+    lr_d: float = 2e-4            # Adam learning rate of D (and D-side extras)
+    beta1: float = 0.5            # Adam beta1 (DCGAN)
+    beta2: float = 0.999          # Adam beta2
+    ema_decay: float = 0.0        # EMA of G per step (e.g. 0.999); 0 = off; samples/eval use the EMA when on
+    seed: int = 0                 # seeds weights, data order and latents (per process: seed + rank)
+    strategy: str = "scratch"     # transfer strategy (ganlib.strategies)
+    strategy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"layers": 2}
+    source: str = ""              # directory holding the source generator/discriminator .safetensors
+    mixed_precision: str = ""     # no | bf16 | fp16; "" = whatever `accelerate launch` configured
+    compile: bool = False         # torch.compile the networks (cache in $TORCHINDUCTOR_CACHE_DIR)
+    channels_last: bool = False   # NHWC memory format for conv networks
+    out: str = "runs/train"       # output directory
+    ckpt_every: int = 0           # checkpoint every N steps (0 = only at the end)
+    resume: bool = False          # continue from out/checkpoint if present
+    log_every: int = 25           # read losses back from the device every N steps (a host sync)
+    warmup_steps: int = 5         # steps excluded from timing
+    eval_every: int = 0           # evaluation callback interval in steps (0 = off); used by bench
+    progress: bool = True         # tqdm bar on the main process
+
+    def validate(self) -> "TrainConfig":
+        """Check values that need no I/O; raise UserError naming the field."""
+        positive = ("size", "width", "latent_dim", "steps", "batch", "r1_interval", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "ckpt_every", "eval_every", "channels", "r1_gamma"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.channels not in (0, 1, 3):
+            raise UserError(f"channels={self.channels} must be 1, 3 or 0 (the dataset's own)")
+        if self.mixed_precision not in ("", "no", "bf16", "fp16"):
+            raise UserError(f"mixed_precision={self.mixed_precision!r} must be one of no, bf16, fp16")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise UserError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        for name in ("lr_g", "lr_d"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name}={getattr(self, name)} must be > 0")
+        if self.batch < 2:
+            raise UserError(f"batch={self.batch} must be >= 2 (batch normalisation needs two samples)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "config") -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"{where}: unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**values).validate()
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--strategy-opt {item!r} must look like name=value, e.g. layers=2")
+        options[key] = value
+    return options
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one --flag per TrainConfig field (underscores become dashes)."""
+    hints = typing.get_type_hints(TrainConfig)
+    defaults = TrainConfig()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        typ = hints[f.name]
+        if f.name == "strategy_options":
+            parser.add_argument("--strategy-opt", action="append", default=[], metavar="NAME=VALUE",
+                                help="strategy option, repeatable (e.g. layers=2)")
+        elif typ is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
+        else:
+            parser.add_argument(flag, type=typ, default=getattr(defaults, f.name))
+
+
+def from_arguments(args: argparse.Namespace) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "strategy_options"}
+    return TrainConfig(**values, strategy_options=_parse_options(args.strategy_opt)).validate()

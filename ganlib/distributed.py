@@ -1,0 +1,47 @@
+"""Distributed and device concerns in one place: the Accelerator, gathers, a clean shutdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from ganlib.errors import UserError
+
+
+def make_accelerator(mixed_precision: str = "") -> Accelerator:
+    """An Accelerator for this process; precision from the argument or from `accelerate launch`.
+
+    fp16 on a CPU is refused: Accelerate would silently run fp32 and the numbers would lie.
+    """
+    accelerator = Accelerator(mixed_precision=mixed_precision or None)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UserError("fp16 mixed precision needs a GPU (on a CPU Accelerate would silently run fp32); "
+                        "use bf16 or no on CPU")
+    return accelerator
+
+
+def gather_floats(accelerator: Accelerator, value: float) -> list[float]:
+    """One float from every process, in rank order, on every process."""
+    t = torch.tensor([float(value)], device=accelerator.device, dtype=torch.float64)
+    return accelerator.gather(t).cpu().tolist()
+
+
+def broadcast_object(accelerator: Accelerator, obj: Any) -> Any:
+    """The main process's `obj` on every process (picklable Python objects, from our own processes)."""
+    if accelerator.num_processes == 1:
+        return obj
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def shutdown(accelerator: Accelerator) -> None:
+    """Leave the process group cleanly (gloo can abort at interpreter exit otherwise)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,133 @@
+"""The small interface through which a transfer strategy steers the one training loop.
+
+A strategy never forks the loop. It decides (1) which parameters are trainable at all (permanent
+freezing happens before optimisers and DDP are built, so frozen tensors get no optimiser state and
+no gradient all-reduce), (2) per step, which phases run (D step, G step) and whether G's own body
+trains in the G step, (3) how latents are mapped before G (MineGAN's miner), (4) how D scores images
+(CDC's patch-level head) and (5) extra loss terms, logged as `loss/G/<name>` and `loss/D/<name>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ganlib.errors import UserError
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What runs in one training step."""
+
+    train_d: bool = True  # run the D phase
+    train_g: bool = True  # run the G phase
+    g_body: bool = True   # in the G phase, G's own weights train (False: only G-side extras, e.g. a miner)
+
+
+@dataclass
+class SetupContext:
+    """What a strategy may use while it sets itself up (before optimisers and DDP exist)."""
+
+    G: nn.Module
+    D: nn.Module
+    family: Any                  # ganlib.nets.NetFamily
+    loss: Any                    # ganlib.losses.GANLoss
+    device: torch.device
+    seed: int
+    total_steps: int
+    batch_size: int
+
+
+@dataclass
+class GStepContext:
+    """What the G phase hands to `g_extra_losses`."""
+
+    step: int
+    z: torch.Tensor                                  # latents fed to G (after `map_latent`)
+    fake: torch.Tensor                               # G(z), float in [-1, 1]
+    g_features: list[torch.Tensor] | None = None     # per-block activations when `wants_g_features`
+    G: nn.Module | None = None                       # the (possibly DDP-wrapped) generator
+
+
+@dataclass
+class Options:
+    """Base class of each strategy's options dataclass (fields documented where defined)."""
+
+
+class Strategy:
+    """Base strategy: everything trains, every step runs both phases, no extra loss (= finetune)."""
+
+    name: ClassVar[str] = "base"
+    loads_source: ClassVar[bool] = True
+    wants_g_features: ClassVar[bool] = False
+    OptionsType: ClassVar[type[Options]] = Options
+    paper: ClassVar[str] = ""
+
+    def __init__(self, options: Options):
+        self.options = options
+        self.extra_g_modules: dict[str, nn.Module] = {}  # trained by G's optimiser, saved as <name>.safetensors
+        self.extra_d_modules: dict[str, nn.Module] = {}  # trained by D's optimiser
+        self._total_steps = 0
+
+    # -- configuration time ------------------------------------------------------------------
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "Strategy":
+        """Build from a dict of option values; unknown options or bad values are a UserError."""
+        options = dict(options or {})
+        known = {f.name: f for f in dataclasses.fields(cls.OptionsType)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise UserError(f"strategy {cls.name!r} has no option {unknown[0]!r}; "
+                            f"options: {', '.join(known) or 'none'}")
+        hints = typing.get_type_hints(cls.OptionsType)
+        typed = {}
+        for key, value in options.items():
+            typ = hints[key]
+            try:
+                typed[key] = typ(value)
+            except (TypeError, ValueError):
+                raise UserError(f"strategy {cls.name!r} option {key}={value!r} is not a {typ.__name__}") from None
+        strategy = cls(cls.OptionsType(**typed))
+        strategy.validate()
+        return strategy
+
+    def validate(self) -> None:
+        """Check option values that need no network (UserError on bad ones)."""
+
+    def check(self, family, G: nn.Module, D: nn.Module) -> None:
+        """Check the strategy fits this network (UserError otherwise); called before any training."""
+
+    def setup(self, ctx: SetupContext) -> None:
+        """Freeze parameters and build extra modules; source weights are already loaded."""
+        self._total_steps = ctx.total_steps
+
+    def options_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.options)
+
+    # -- every step ----------------------------------------------------------------------------
+    def plan(self, step: int) -> StepPlan:
+        return StepPlan()
+
+    def map_latent(self, z: torch.Tensor, step: int | None) -> torch.Tensor:
+        """Latents G receives for `z` at `step` (None: evaluation and sample grids)."""
+        return z
+
+    def discriminate(self, D: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
+        """D's logits for `images` (shape [N] or [N, P] for patch-level scores)."""
+        return D(images)
+
+    def g_extra_losses(self, ctx: GStepContext) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def freeze(module: nn.Module, prefixes: tuple[str, ...] | None = None) -> None:
+    """Permanently freeze `module`'s parameters, or only those whose names start with a prefix."""
+    for name, p in module.named_parameters():
+        if prefixes is None or name.startswith(prefixes):
+            p.requires_grad_(False)
+

@@ -1,0 +1,406 @@
+"""The one GAN training loop: Accelerate for devices, DDP and mixed precision; strategies steer it.
+
+Run it:  python -m ganlib.train --net dcgan --data mnist5k --steps 300 --out runs/x
+or the same under `accelerate launch` (any number of processes, any precision).
+
+Each step is a list of phases as in stylegan2-ada: a D phase (adversarial loss, lazy R1) and a G
+phase (adversarial loss plus the strategy's extra losses). The strategy switches phases and
+trainable sets on and off; the loop never forks. Losses stay on the device and are read back only
+every `log_every` steps, so there is no host sync inside a step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from ganlib import checkpoint as ckpt
+from ganlib.config import TrainConfig, add_arguments, from_arguments
+from ganlib.data import DATASETS, FOLDER, DataSpec, DeviceBatcher, load_images
+from ganlib.distributed import gather_floats, make_accelerator, shutdown
+from ganlib.errors import UserError, exit_on_user_error
+from ganlib.losses import LOSSES, r1_penalty
+from ganlib.measure import StepClock, peak_memory_gb, percentile, reset_peak_memory
+from ganlib.nets import NETWORKS, NetConfig, build_networks
+from ganlib.strategies import GStepContext, SetupContext, build_strategy
+
+SAMPLE_GRID = 64  # images in the fixed-noise sample grid
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or inf: the run is over, and a benchmark records the cell as failed."""
+
+
+# An evaluation hook: (step, generator in eval mode, latent mapping) -> metrics dict or None.
+EvalFn = Callable[[int, nn.Module, Callable[[torch.Tensor], torch.Tensor]], "dict[str, Any] | None"]
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; `metrics` uses the namespaced keys of results.jsonl."""
+
+    metrics: dict[str, Any]
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    out: Path | None = None
+
+
+def native_channels(data: str) -> int:
+    """Channels a dataset spec has natively (folders of images are taken as RGB)."""
+    spec = DataSpec.parse(data)
+    return 3 if spec.name == FOLDER else DATASETS.get(spec.name).channels
+
+
+def fingerprint(cfg: TrainConfig) -> str:
+    """Hash of the fields that determine the weights (so a resume cannot mix two different runs)."""
+    ignore = {"out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every", "data_root"}
+    keep = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def frozen_for_phase(accelerator, modules: list[nn.Module], params: list[nn.Parameter], active: bool):
+    """Inside: `params` get no gradient and the `modules`' DDP skips its all-reduce, unless `active`."""
+    if active:
+        yield
+        return
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with ExitStack() as stack:
+            for module in modules:
+                stack.enter_context(accelerator.no_sync(module))
+            yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
+    return [p for m in modules for p in m.parameters() if p.requires_grad]
+
+
+def _make_optimizer(params: list[nn.Parameter], lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # A fused Adam is one kernel for all tensors (CPU and CUDA); frozen tensors are never given to it,
+    # so they get no optimiser state. An empty list still needs an optimiser object for the loop.
+    return torch.optim.Adam(params or [nn.Parameter(torch.zeros(1))], lr=lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=True)
+
+
+def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
+    """Bytes held in optimiser state tensors (Adam moments, steps)."""
+    total = 0
+    for opt in optimizers:
+        for state in opt.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return total
+
+
+def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) -> TrainResult:
+    """Train G and D per `cfg` on this process group; every process must call it.
+
+    Writes to `cfg.out` (main process): final weights as safetensors, `samples.png`, `metrics.json`,
+    and `checkpoint/` every `ckpt_every` steps and at the end. Returns the same metrics everywhere.
+    """
+    cfg.validate()
+    wall_start = time.perf_counter()
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    out = Path(cfg.out)
+
+    # --- everything that can be wrong with the input is checked before anything is written ---
+    loss = LOSSES.get(cfg.loss)
+    family = NETWORKS.get(cfg.net)
+    strategy = build_strategy(cfg.strategy, cfg.strategy_options)
+    channels = cfg.channels or native_channels(cfg.data)
+    images = load_images(cfg.data, cfg.size, channels, root=cfg.data_root or None, download=cfg.download).images
+    torch.manual_seed(cfg.seed)  # identical initial weights on every process
+    net_cfg = NetConfig(cfg.net, cfg.size, channels, cfg.latent_dim, cfg.width)
+    G, D = build_networks(net_cfg)
+    strategy.check(family, G, D)
+    if strategy.loads_source:
+        if not cfg.source:
+            raise UserError(f"strategy {cfg.strategy!r} transfers from a source: pass --source DIR "
+                            "(a directory with generator.safetensors and discriminator.safetensors)")
+        ckpt.load_weights(Path(cfg.source) / "generator.safetensors", G, "source generator")
+        ckpt.load_weights(Path(cfg.source) / "discriminator.safetensors", D, "source discriminator")
+    resume_dir = out / "checkpoint"
+    resuming = cfg.resume and (resume_dir / ckpt.META).exists()
+    if resuming:
+        meta = ckpt.read_meta(resume_dir)
+        if meta.get("fingerprint") != fingerprint(cfg):
+            raise UserError(f"{resume_dir} was written by a different configuration; "
+                            "resume with the same options or use another --out")
+
+    G.to(device)
+    D.to(device)
+    strategy.setup(SetupContext(G=G, D=D, family=family, loss=loss, device=device, seed=cfg.seed,
+                                total_steps=cfg.steps, batch_size=cfg.batch))
+    for extra in (*strategy.extra_g_modules.values(), *strategy.extra_d_modules.values()):
+        extra.to(device)
+    if cfg.channels_last and images.dim() == 4:
+        G.to(memory_format=torch.channels_last)
+        D.to(memory_format=torch.channels_last)
+    g_side = [G, *strategy.extra_g_modules.values()]
+    d_side = [D, *strategy.extra_d_modules.values()]
+    n_trainable = sum(p.numel() for m in g_side + d_side for p in m.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for m in g_side + d_side for p in m.parameters() if not p.requires_grad)
+    opt_g = _make_optimizer(_trainable(g_side), cfg.lr_g, cfg)
+    opt_d = _make_optimizer(_trainable(d_side), cfg.lr_d, cfg)
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = copy.deepcopy(G).eval().requires_grad_(False)
+
+    g_extras, d_extras = list(strategy.extra_g_modules), list(strategy.extra_d_modules)
+    prepared = accelerator.prepare(G, D, *strategy.extra_g_modules.values(), *strategy.extra_d_modules.values(),
+                                   opt_g, opt_d)
+    G, D = prepared[0], prepared[1]
+    extras = dict(zip(g_extras + d_extras, prepared[2:-2]))
+    strategy.extra_g_modules = {k: extras[k] for k in g_extras}
+    strategy.extra_d_modules = {k: extras[k] for k in d_extras}
+    opt_g, opt_d = prepared[-2], prepared[-1]
+    g_body_params = [p for p in G.parameters() if p.requires_grad]
+    d_modules = [D, *strategy.extra_d_modules.values()]
+    d_params = _trainable(d_modules)
+
+    batcher = DeviceBatcher(images, device, seed=cfg.seed * 1000 + rank)
+    z_gen = torch.Generator(device=device)
+    z_gen.manual_seed(cfg.seed * 1000 + 500 + rank)
+    generators = {"data": batcher.generator, "latent": z_gen}
+    fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed),
+                          ).to(device)
+
+    start_step = 0
+    if resuming:
+        unwrapped = {"generator": accelerator.unwrap_model(G), "discriminator": accelerator.unwrap_model(D),
+                     **{k: accelerator.unwrap_model(m) for k, m in extras.items()}}
+        if ema is not None:
+            unwrapped["generator_ema"] = ema
+        for name, module in unwrapped.items():
+            ckpt.load_weights(resume_dir / f"{name}.safetensors", module, f"checkpoint {name}")
+        ckpt.load_optimizers(resume_dir, {"G": opt_g.optimizer, "D": opt_d.optimizer})
+        ckpt.set_rng_state(ckpt.load_rng(resume_dir, rank), generators)
+        start_step = meta["step"]
+
+    def save(step: int) -> None:
+        tmp = ckpt.begin_checkpoint(resume_dir) if accelerator.is_main_process else None
+        accelerator.wait_for_everyone()
+        ckpt.write_rng(resume_dir.with_name(f".{resume_dir.name}.tmp"), rank, ckpt.rng_state(generators))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            modules = {"generator": accelerator.unwrap_model(G), "discriminator": accelerator.unwrap_model(D),
+                       **{k: accelerator.unwrap_model(m) for k, m in extras.items()}}
+            if ema is not None:
+                modules["generator_ema"] = ema
+            ckpt.finish_checkpoint(tmp, resume_dir, step=step, modules=modules,
+                                   optimizers={"G": opt_g.optimizer, "D": opt_d.optimizer},
+                                   meta={"fingerprint": fingerprint(cfg), "config": cfg.to_dict()})
+        accelerator.wait_for_everyone()
+
+    def eval_generator() -> nn.Module:
+        return ema if ema is not None else accelerator.unwrap_model(G)
+
+    def map_latent_eval(z: torch.Tensor) -> torch.Tensor:
+        return strategy.map_latent(z, None)
+
+    fid_curve: list[dict[str, Any]] = []
+    train_curve: list[dict[str, Any]] = []
+    train_seconds = 0.0
+
+    def run_eval(step: int) -> None:
+        if eval_fn is None:
+            return
+        gen = eval_generator()
+        was_training = gen.training
+        gen.eval()
+        with torch.no_grad():
+            result = eval_fn(step, gen, map_latent_eval)
+        gen.train(was_training)
+        if result is not None:
+            fid_curve.append({"step": step, "wall_s": round(train_seconds, 3), **result})
+
+    clock = StepClock(device, warmup=cfg.warmup_steps)
+    reset_peak_memory(device)
+    pending: list[dict[str, torch.Tensor]] = []
+    g_ctx_wants_features = strategy.wants_g_features
+    r1_scale = cfg.r1_gamma / 2 * cfg.r1_interval
+
+    if eval_fn is not None and cfg.eval_every and start_step == 0:
+        run_eval(0)
+    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.strategy} {cfg.net}", unit="step",
+               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+    G.train()
+    D.train()
+    for step in range(start_step, cfg.steps):
+        step_t0 = time.perf_counter()
+        clock.start()
+        plan = strategy.plan(step)
+        logs: dict[str, torch.Tensor] = {}
+
+        if plan.train_d:
+            real = batcher.next(cfg.batch)
+            z = torch.randn(cfg.batch, cfg.latent_dim, device=device, generator=z_gen)
+            with torch.no_grad(), accelerator.autocast():
+                fake = G(strategy.map_latent(z, step))
+            do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
+            if do_r1:
+                real.requires_grad_(True)
+            with accelerator.autocast():
+                real_logits = strategy.discriminate(D, real, step)
+                fake_logits = strategy.discriminate(D, fake.detach(), step)
+                loss_d = loss.d_loss(real_logits, fake_logits)
+                logs["loss/D"] = loss_d.detach()
+                if do_r1:
+                    penalty = r1_penalty(real_logits, real)
+                    logs["loss/D/r1"] = penalty.detach()
+                    loss_d = loss_d + penalty * r1_scale
+            accelerator.backward(loss_d)
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+
+        if plan.train_g:
+            z = torch.randn(cfg.batch, cfg.latent_dim, device=device, generator=z_gen)
+            with ExitStack() as stack:
+                stack.enter_context(frozen_for_phase(accelerator, d_modules, d_params, active=False))
+                stack.enter_context(frozen_for_phase(accelerator, [G], g_body_params, active=plan.g_body))
+                with accelerator.autocast():
+                    z_in = strategy.map_latent(z, step)
+                    if g_ctx_wants_features:
+                        fake, feats = G(z_in, return_features=True)
+                    else:
+                        fake, feats = G(z_in), None
+                    loss_g = loss.g_loss(strategy.discriminate(D, fake, step))
+                    logs["loss/G"] = loss_g.detach()
+                    extra = strategy.g_extra_losses(GStepContext(step=step, z=z_in, fake=fake,
+                                                                 g_features=feats, G=G))
+                    for name, value in extra.items():
+                        logs[f"loss/G/{name}"] = value.detach()
+                        loss_g = loss_g + value
+                accelerator.backward(loss_g)
+            opt_g.step()
+            opt_g.zero_grad(set_to_none=True)
+            if ema is not None:
+                with torch.no_grad():
+                    src = accelerator.unwrap_model(G)
+                    torch._foreach_lerp_(list(ema.parameters()), list(src.parameters()), 1.0 - cfg.ema_decay)
+                    for b_ema, b in zip(ema.buffers(), src.buffers()):
+                        b_ema.copy_(b)
+
+        pending.append(logs)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            train_curve.append(_read_logs(accelerator, pending, done))
+            pending = []
+            bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in train_curve[-1].items()
+                             if k.startswith("loss/")}, refresh=False)
+        clock.stop()
+        train_seconds += time.perf_counter() - step_t0
+        bar.update(1)
+        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
+            save(done)
+        if eval_fn is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+            run_eval(done)
+    bar.close()
+
+    step_times = clock.step_times_s()
+    timed = sum(step_times)
+    img_per_s = 0.0
+    times_all = gather_floats(accelerator, timed)
+    if timed > 0 and max(times_all) > 0:
+        img_per_s = clock.timed_steps * cfg.batch * world / max(times_all)
+    peak, mem_kind = peak_memory_gb(device)
+    peaks = gather_floats(accelerator, peak)
+    metrics: dict[str, Any] = {
+        "timing/img_per_s": img_per_s,
+        "timing/step_time_p50_ms": percentile(step_times, 50) * 1e3 if step_times else None,
+        "timing/step_time_p90_ms": percentile(step_times, 90) * 1e3 if step_times else None,
+        "timing/timed_steps": clock.timed_steps,
+        "timing/train_s": train_seconds,
+        "resources/peak_mem_gb": max(peaks),
+        "resources/peak_mem_gb_per_process": peaks,
+        "resources/mem_kind": mem_kind,
+        "resources/optimizer_state_bytes": optimizer_state_bytes([opt_g.optimizer, opt_d.optimizer]),
+        "params/trainable": n_trainable,
+        "params/frozen": n_frozen,
+        "env/num_processes": world,
+        "env/mixed_precision": accelerator.mixed_precision,
+        "env/device": str(device),
+    }
+    if train_curve:
+        metrics.update({k: v for k, v in train_curve[-1].items() if k.startswith("loss/")})
+    save(cfg.steps)
+    if accelerator.is_main_process:
+        _write_outputs(out, accelerator, G, D, extras, ema, eval_generator(), map_latent_eval, fixed_z)
+    metrics["timing/wall_s"] = time.perf_counter() - wall_start
+    if accelerator.is_main_process:
+        ckpt.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
+    accelerator.wait_for_everyone()
+    return TrainResult(metrics=metrics, curves={"train": train_curve, "fid": fid_curve}, out=out)
+
+
+def _read_logs(accelerator, pending: list[dict[str, torch.Tensor]], step: int) -> dict[str, Any]:
+    """Average the pending losses over steps and processes with one host sync; raise on NaN/inf."""
+    keys = sorted({k for logs in pending for k in logs})
+    means = torch.stack([torch.stack([l[k].float() for l in pending if k in l]).mean() for k in keys])
+    means = accelerator.reduce(means, reduction="mean").cpu().tolist()
+    row = {"step": step, **dict(zip(keys, means))}
+    bad = [k for k, v in zip(keys, means) if not torch.isfinite(torch.tensor(v))]
+    if bad:
+        raise TrainingDiverged(f"{bad[0]} became {row[bad[0]]} at step {step} (training diverged)")
+    return row
+
+
+def _write_outputs(out: Path, accelerator, G, D, extras, ema, gen, map_latent, fixed_z) -> None:
+    """Main process: final weights (same parameter names as the source), a fixed-noise sample grid."""
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.save_weights(out / "generator.safetensors", accelerator.unwrap_model(G))
+    ckpt.save_weights(out / "discriminator.safetensors", accelerator.unwrap_model(D))
+    for name, module in extras.items():
+        ckpt.save_weights(out / f"{name}.safetensors", accelerator.unwrap_model(module))
+    if ema is not None:
+        ckpt.save_weights(out / "generator_ema.safetensors", ema)
+    was_training = gen.training
+    gen.eval()
+    with torch.no_grad():
+        samples = gen(map_latent(fixed_z)).float()
+    gen.train(was_training)
+    tmp = out / ".samples.tmp.png"
+    save_image(samples.clamp(-1, 1) * 0.5 + 0.5, tmp, nrow=8, padding=1)
+    tmp.replace(out / "samples.png")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    cfg = from_arguments(parser.parse_args(argv))
+    accelerator = make_accelerator(cfg.mixed_precision)
+    try:
+        result = train(cfg, accelerator)
+    except TrainingDiverged as err:
+        accelerator.print(f"error: {err}")
+        shutdown(accelerator)
+        return 1
+    if accelerator.is_main_process:
+        m = result.metrics
+        print(f"done: {m['timing/img_per_s']:.1f} img/s over {m['env/num_processes']} process(es), "
+              f"step p50 {m['timing/step_time_p50_ms']:.1f} ms, peak mem {m['resources/peak_mem_gb']:.2f} GB "
+              f"({m['resources/mem_kind']}), precision {m['env/mixed_precision']}; wrote {result.out}")
+    shutdown(accelerator)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
