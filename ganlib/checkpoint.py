@@ -3,9 +3,11 @@
 Layout of one checkpoint directory (assembled in a temporary sibling, then renamed into place, so
 a killed run never leaves a half-written checkpoint):
     generator.safetensors, discriminator.safetensors, <extra>.safetensors   model state dicts
-    optim.pt                   {name: optimizer.state_dict()}   (torch.load(weights_only=True))
+    optim.pt                   {name: optimizer.state_dict()}, fp16's GradScaler too (weights_only load)
     rng-rank{i}.safetensors    every random state of process i (CPU, CUDA, data, latents)
-    meta.json                  step, config fingerprint, network config
+    meta.json                  step, config fingerprint, config, processes, precision (written last)
+While the new directory replaces the old one, the old one waits as a hidden `.<name>.old` sibling;
+`find_checkpoint` resumes from it if the run was killed in that instant.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def rng_state(extra_generators: dict[str, torch.Generator]) -> dict[str, torch.T
 
 
 def set_rng_state(state: dict[str, torch.Tensor], extra_generators: dict[str, torch.Generator]) -> None:
+    """Restore what `rng_state` collected (the generators must be the same ones, by name)."""
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["torch_cuda"])
@@ -92,17 +95,32 @@ def write_rng(tmp: Path, rank: int, state: dict[str, torch.Tensor]) -> None:
 
 def finish_checkpoint(tmp: Path, ckpt_dir: Path, *, step: int, meta: dict,
                       modules: dict[str, torch.nn.Module], optimizers: dict) -> None:
-    """Main process, after every rank wrote its RNG: add weights and optimisers, then rename into place."""
+    """Main process, after every rank wrote its RNG: add weights and optimisers, then rename into place.
+
+    `optimizers` maps names to anything with state_dict() of plain tensors and numbers (optimisers,
+    a GradScaler); `meta` is JSON, stored in meta.json with `step`.
+    """
     for name, module in modules.items():
         save_weights(tmp / f"{name}.safetensors", module)
     torch.save({k: o.state_dict() for k, o in optimizers.items()}, tmp / "optim.pt")
-    (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
+    atomic_write_text(tmp / META, json.dumps({**meta, "step": step}, indent=1, sort_keys=True))
+    # At every instant `ckpt_dir` or `old` holds a complete checkpoint (find_checkpoint looks at both):
+    # a stale `old` is removed only while `ckpt_dir` exists, the live `old` only once `tmp` is in place.
     old = Path(ckpt_dir).with_name(f".{Path(ckpt_dir).name}.old")
-    shutil.rmtree(old, ignore_errors=True)
     if Path(ckpt_dir).exists():
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(ckpt_dir, old)
     os.replace(tmp, ckpt_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The complete checkpoint to resume from: `ckpt_dir`, else the previous one that
+    `finish_checkpoint` had set aside when the run was killed mid-swap, else None. Writes nothing."""
+    for candidate in (Path(ckpt_dir), Path(ckpt_dir).with_name(f".{Path(ckpt_dir).name}.old")):
+        if (candidate / META).exists():
+            return candidate
+    return None
 
 
 def read_meta(ckpt_dir: Path) -> dict:
@@ -115,19 +133,24 @@ def read_meta(ckpt_dir: Path) -> dict:
 
 
 def load_optimizers(ckpt_dir: Path, optimizers: dict) -> None:
-    """Restore optimiser states saved by save_checkpoint (weights_only: no arbitrary unpickling)."""
+    """Restore optimiser states saved by finish_checkpoint (weights_only: no arbitrary unpickling)."""
     try:
         states = torch.load(Path(ckpt_dir) / "optim.pt", map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt files
-        raise UserError(f"optimiser state in {ckpt_dir} is unreadable ({err.__class__.__name__}); "
-                        "delete the checkpoint or start without --resume") from None
-    for name, opt in optimizers.items():
-        opt.load_state_dict(states[name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(states[name])
+    except Exception as err:  # torch raises several types for corrupt or mismatched files
+        raise UserError(f"optimiser state in {ckpt_dir} is unreadable or does not match this run "
+                        f"({err.__class__.__name__}); delete the checkpoint or start without --resume") from None
 
 
 def load_rng(ckpt_dir: Path, rank: int) -> dict[str, torch.Tensor]:
+    """Process `rank`'s random state from a checkpoint (UserError when absent or corrupt)."""
     path = Path(ckpt_dir) / f"rng-rank{rank}.safetensors"
     if not path.exists():
         raise UserError(f"checkpoint {ckpt_dir} has no random state for process {rank}; "
                         "resume with the same number of processes it was written with")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"random state file {path} is unreadable or corrupt ({err}); "
+                        "delete the checkpoint or start without --resume") from None

@@ -50,6 +50,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check values that need no I/O; raise UserError naming the field."""
+        _check_types(self)
         positive = ("size", "width", "latent_dim", "steps", "batch", "r1_interval", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -80,6 +81,33 @@ class TrainConfig:
         if unknown:
             raise UserError(f"{where}: unknown field {unknown[0]!r}; known: {', '.join(sorted(known))}")
         return cls(**values).validate()
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """Each field has its declared type (YAML reads `2e-4` as a string, `1` where a float is meant is fine)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        value, typ = getattr(cfg, f.name), hints[f.name]
+        if typ not in _SCALARS:
+            if not isinstance(value, dict):
+                raise UserError(f"{f.name}={value!r} must be a mapping of option names to values")
+            continue
+        ok = isinstance(value, typ) and (typ is bool or not isinstance(value, bool))
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            hint = " (write floats with a dot in YAML, e.g. 2.0e-4)" if typ is float and isinstance(value, str) else ""
+            raise UserError(f"{f.name}={value!r} must be a {typ.__name__}{hint}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one-line UserErrors (exit code 2, no usage dump)."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see --help")
 
 
 def _parse_options(items: list[str]) -> dict[str, Any]:

@@ -30,6 +30,21 @@ def gather_floats(accelerator: Accelerator, value: float) -> list[float]:
     return accelerator.gather(t).cpu().tolist()
 
 
+def broadcast_buffers(accelerator: Accelerator, modules: list[torch.nn.Module]) -> None:
+    """Copy process 0's buffers (BatchNorm running statistics) to every process, in place.
+
+    DDP keeps parameters identical, but each process updates running statistics from its own batch
+    after DDP's broadcast at the start of a forward, so they differ between forwards. Call it, on
+    every process, before anything reads them: checkpoints, evaluation, the final weights. Training
+    in train mode never reads them, so this does not change the parameters' trajectory.
+    """
+    if accelerator.num_processes == 1:
+        return
+    for module in modules:
+        for buffer in accelerator.unwrap_model(module).buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
 def broadcast_object(accelerator: Accelerator, obj: Any) -> Any:
     """The main process's `obj` on every process (picklable Python objects, from our own processes)."""
     if accelerator.num_processes == 1:

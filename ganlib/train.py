@@ -15,6 +15,7 @@ import argparse
 import copy
 import hashlib
 import json
+import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -27,9 +28,9 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ganlib import checkpoint as ckpt
-from ganlib.config import TrainConfig, add_arguments, from_arguments
+from ganlib.config import ArgumentParser, TrainConfig, add_arguments, from_arguments
 from ganlib.data import DATASETS, FOLDER, DataSpec, DeviceBatcher, load_images
-from ganlib.distributed import gather_floats, make_accelerator, shutdown
+from ganlib.distributed import broadcast_buffers, gather_floats, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
 from ganlib.losses import LOSSES, r1_penalty
 from ganlib.measure import StepClock, peak_memory_gb, percentile, reset_peak_memory
@@ -54,6 +55,8 @@ class TrainResult:
     metrics: dict[str, Any]
     curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     out: Path | None = None
+    generator: nn.Module | None = None  # the trained G (the EMA when on), unwrapped, for evaluation
+    map_latent: Callable[[torch.Tensor], torch.Tensor] | None = None  # z -> what G receives (MineGAN's miner)
 
 
 def native_channels(data: str) -> int:
@@ -64,8 +67,11 @@ def native_channels(data: str) -> int:
 
 def fingerprint(cfg: TrainConfig) -> str:
     """Hash of the fields that determine the weights (so a resume cannot mix two different runs)."""
-    ignore = {"out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every", "data_root"}
+    ignore = {"out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every", "data_root",
+              "download"}
     keep = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    # Typed and with defaults filled in, so layers="2" (CLI), layers=2 (YAML) and no option hash alike.
+    keep["strategy_options"] = build_strategy(cfg.strategy, cfg.strategy_options).options_dict()
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -136,12 +142,17 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
         ckpt.load_weights(Path(cfg.source) / "generator.safetensors", G, "source generator")
         ckpt.load_weights(Path(cfg.source) / "discriminator.safetensors", D, "source discriminator")
     resume_dir = out / "checkpoint"
-    resuming = cfg.resume and (resume_dir / ckpt.META).exists()
+    resume_from = ckpt.find_checkpoint(resume_dir) if cfg.resume else None
+    resuming = resume_from is not None
     if resuming:
-        meta = ckpt.read_meta(resume_dir)
+        meta = ckpt.read_meta(resume_from)
         if meta.get("fingerprint") != fingerprint(cfg):
             raise UserError(f"{resume_dir} was written by a different configuration; "
                             "resume with the same options or use another --out")
+        written = (meta.get("num_processes", world), meta.get("mixed_precision", accelerator.mixed_precision))
+        if written != (world, accelerator.mixed_precision):
+            raise UserError(f"{resume_dir} was written by {written[0]} process(es) in precision {written[1]!r}, "
+                            f"this run has {world} in {accelerator.mixed_precision!r}; resume with the same setup")
 
     G.to(device)
     D.to(device)
@@ -181,6 +192,9 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
     fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed),
                           ).to(device)
 
+    # fp16's loss scale is optimiser state too: without it a resumed run is not the same run.
+    optimizer_states = {"G": opt_g.optimizer, "D": opt_d.optimizer,
+                        **({"scaler": accelerator.scaler} if accelerator.scaler is not None else {})}
     start_step = 0
     if resuming:
         unwrapped = {"generator": accelerator.unwrap_model(G), "discriminator": accelerator.unwrap_model(D),
@@ -188,12 +202,13 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
         if ema is not None:
             unwrapped["generator_ema"] = ema
         for name, module in unwrapped.items():
-            ckpt.load_weights(resume_dir / f"{name}.safetensors", module, f"checkpoint {name}")
-        ckpt.load_optimizers(resume_dir, {"G": opt_g.optimizer, "D": opt_d.optimizer})
-        ckpt.set_rng_state(ckpt.load_rng(resume_dir, rank), generators)
+            ckpt.load_weights(resume_from / f"{name}.safetensors", module, f"checkpoint {name}")
+        ckpt.load_optimizers(resume_from, optimizer_states)
+        ckpt.set_rng_state(ckpt.load_rng(resume_from, rank), generators)
         start_step = meta["step"]
 
     def save(step: int) -> None:
+        broadcast_buffers(accelerator, [G, D, *extras.values(), *([ema] if ema is not None else [])])
         tmp = ckpt.begin_checkpoint(resume_dir) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         ckpt.write_rng(resume_dir.with_name(f".{resume_dir.name}.tmp"), rank, ckpt.rng_state(generators))
@@ -204,8 +219,9 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
             if ema is not None:
                 modules["generator_ema"] = ema
             ckpt.finish_checkpoint(tmp, resume_dir, step=step, modules=modules,
-                                   optimizers={"G": opt_g.optimizer, "D": opt_d.optimizer},
-                                   meta={"fingerprint": fingerprint(cfg), "config": cfg.to_dict()})
+                                   optimizers=optimizer_states,
+                                   meta={"fingerprint": fingerprint(cfg), "config": cfg.to_dict(),
+                                         "num_processes": world, "mixed_precision": accelerator.mixed_precision})
         accelerator.wait_for_everyone()
 
     def eval_generator() -> nn.Module:
@@ -221,6 +237,7 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
     def run_eval(step: int) -> None:
         if eval_fn is None:
             return
+        broadcast_buffers(accelerator, [G, *([ema] if ema is not None else [])])
         gen = eval_generator()
         was_training = gen.training
         gen.eval()
@@ -315,7 +332,7 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
 
     step_times = clock.step_times_s()
     timed = sum(step_times)
-    img_per_s = 0.0
+    img_per_s = None  # not measured: every step was a warm-up step
     times_all = gather_floats(accelerator, timed)
     if timed > 0 and max(times_all) > 0:
         img_per_s = clock.timed_steps * cfg.batch * world / max(times_all)
@@ -326,6 +343,7 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
         "timing/step_time_p50_ms": percentile(step_times, 50) * 1e3 if step_times else None,
         "timing/step_time_p90_ms": percentile(step_times, 90) * 1e3 if step_times else None,
         "timing/timed_steps": clock.timed_steps,
+        "timing/timed_s": max(times_all),  # slowest process's summed timed step seconds: img_per_s's divisor
         "timing/train_s": train_seconds,
         "resources/peak_mem_gb": max(peaks),
         "resources/peak_mem_gb_per_process": peaks,
@@ -346,7 +364,8 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
     if accelerator.is_main_process:
         ckpt.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     accelerator.wait_for_everyone()
-    return TrainResult(metrics=metrics, curves={"train": train_curve, "fid": fid_curve}, out=out)
+    return TrainResult(metrics=metrics, curves={"train": train_curve, "fid": fid_curve}, out=out,
+                       generator=eval_generator(), map_latent=map_latent_eval)
 
 
 def _read_logs(accelerator, pending: list[dict[str, torch.Tensor]], step: int) -> dict[str, Any]:
@@ -382,21 +401,24 @@ def _write_outputs(out: Path, accelerator, G, D, extras, ema, gen, map_latent, f
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     cfg = from_arguments(parser.parse_args(argv))
     accelerator = make_accelerator(cfg.mixed_precision)
     try:
         result = train(cfg, accelerator)
     except TrainingDiverged as err:
-        accelerator.print(f"error: {err}")
+        if accelerator.is_main_process:
+            print(f"error: {err}", file=sys.stderr, flush=True)
         shutdown(accelerator)
         return 1
     if accelerator.is_main_process:
         m = result.metrics
-        print(f"done: {m['timing/img_per_s']:.1f} img/s over {m['env/num_processes']} process(es), "
-              f"step p50 {m['timing/step_time_p50_ms']:.1f} ms, peak mem {m['resources/peak_mem_gb']:.2f} GB "
+        speed = "n/a (no step after the warm-up)" if m["timing/img_per_s"] is None else f"{m['timing/img_per_s']:.1f}"
+        p50 = "n/a" if m["timing/step_time_p50_ms"] is None else f"{m['timing/step_time_p50_ms']:.1f}"
+        print(f"done: {speed} img/s over {m['env/num_processes']} process(es), "
+              f"step p50 {p50} ms, peak mem {m['resources/peak_mem_gb']:.2f} GB "
               f"({m['resources/mem_kind']}), precision {m['env/mixed_precision']}; wrote {result.out}")
     shutdown(accelerator)
     return 0

@@ -10,6 +10,7 @@ trains in the G step, (3) how latents are mapped before G (MineGAN's miner), (4)
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -85,13 +86,7 @@ class Strategy:
             raise UserError(f"strategy {cls.name!r} has no option {unknown[0]!r}; "
                             f"options: {', '.join(known) or 'none'}")
         hints = typing.get_type_hints(cls.OptionsType)
-        typed = {}
-        for key, value in options.items():
-            typ = hints[key]
-            try:
-                typed[key] = typ(value)
-            except (TypeError, ValueError):
-                raise UserError(f"strategy {cls.name!r} option {key}={value!r} is not a {typ.__name__}") from None
+        typed = {key: _coerce(cls.name, key, value, hints[key]) for key, value in options.items()}
         strategy = cls(cls.OptionsType(**typed))
         strategy.validate()
         return strategy
@@ -107,10 +102,12 @@ class Strategy:
         self._total_steps = ctx.total_steps
 
     def options_dict(self) -> dict[str, Any]:
+        """Every option with its value, defaults included (for records and logs)."""
         return dataclasses.asdict(self.options)
 
     # -- every step ----------------------------------------------------------------------------
     def plan(self, step: int) -> StepPlan:
+        """Which phases run at `step` (0-based) and whether G's own weights train in the G phase."""
         return StepPlan()
 
     def map_latent(self, z: torch.Tensor, step: int | None) -> torch.Tensor:
@@ -122,6 +119,7 @@ class Strategy:
         return D(images)
 
     def g_extra_losses(self, ctx: GStepContext) -> dict[str, torch.Tensor]:
+        """Extra scalar G losses, already weighted, by short name (logged as `loss/G/<name>`)."""
         return {}
 
 
@@ -131,3 +129,36 @@ def freeze(module: nn.Module, prefixes: tuple[str, ...] | None = None) -> None:
         if prefixes is None or name.startswith(prefixes):
             p.requires_grad_(False)
 
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _coerce(strategy: str, key: str, value: Any, typ: type) -> Any:
+    """An option value (from YAML or `--strategy-opt name=text`) as `typ`; a UserError otherwise.
+
+    Strict where a plain cast would guess: 2.5 is not an int, "no" is a bool False, nan is no float.
+    """
+    bad = UserError(f"strategy {strategy!r} option {key}={value!r} is not a valid {typ.__name__}")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        raise bad
+    if isinstance(value, bool):  # bool is an int subclass; True as a layer count is a mistake
+        raise bad
+    try:
+        number = float(str(value).strip()) if typ in (int, float) else typ(value)
+    except (TypeError, ValueError):
+        raise bad from None
+    if typ is float:
+        if not math.isfinite(number):
+            raise bad
+        return number
+    if typ is int:
+        if not math.isfinite(number) or number != int(number):
+            raise bad
+        return int(number)
+    return number

@@ -15,7 +15,7 @@ from ganlib.strategies.base import GStepContext, Options, SetupContext, StepPlan
 
 @dataclass
 class EWCOptions(Options):
-    lam: float = 5e3            # weight of the EWC penalty (Li et al. use 5e8 on 256 px StyleGAN; our Fisher is larger)
+    lam: float = 5e3            # weight of the EWC penalty (calibrated for our Fisher estimator; see docs/strategies.md)
     fisher_samples: int = 256   # latents used to estimate the Fisher information at the source weights
     fisher_batch: int = 16      # latents per gradient in the Fisher estimate (a per-batch estimator, see docs)
 
@@ -25,6 +25,7 @@ class EWC(Strategy):
 
     F_i is the mean squared gradient of the G loss with respect to G's weights at the source weights,
     estimated over `fisher_samples` latents in batches of `fisher_batch` (BatchNorm needs batches).
+    Fisher and anchor are fp32 on the training device, identical on every process (same seed).
     """
 
     name = "ewc"
@@ -35,7 +36,8 @@ class EWC(Strategy):
         if self.options.lam < 0:
             raise UserError(f"ewc lam={self.options.lam} must be >= 0")
         if self.options.fisher_samples < 2 or self.options.fisher_batch < 2:
-            raise UserError("ewc fisher_samples and fisher_batch must be >= 2")
+            raise UserError(f"ewc fisher_samples={self.options.fisher_samples} and "
+                            f"fisher_batch={self.options.fisher_batch} must both be >= 2")
 
     def setup(self, ctx: SetupContext) -> None:
         super().setup(ctx)
@@ -43,24 +45,26 @@ class EWC(Strategy):
         params = [p for p in G.parameters() if p.requires_grad]
         buffers = [b.clone() for b in (*G.buffers(), *D.buffers())]  # the estimate must not move BN stats
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 7919)
-        fisher = [torch.zeros_like(p) for p in params]
-        batches = max(1, self.options.fisher_samples // self.options.fisher_batch)
+        fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        batch = min(self.options.fisher_batch, self.options.fisher_samples)
+        batches = max(1, self.options.fisher_samples // batch)
         for _ in range(batches):
-            z = torch.randn(self.options.fisher_batch, G.latent_dim, device=ctx.device, generator=gen)
+            z = torch.randn(batch, G.latent_dim, device=ctx.device, generator=gen)
             loss = ctx.loss.g_loss(D(G(z)))
             grads = torch.autograd.grad(loss, params)
-            torch._foreach_addcmul_(fisher, grads, grads, value=1.0 / batches)
-        for b, saved in zip((*G.buffers(), *D.buffers()), buffers):
-            b.copy_(saved)
-        D.zero_grad(set_to_none=True)
+            for f, g in zip(fisher, grads):
+                f.add_(g.float().square(), alpha=1.0 / batches)
+        with torch.no_grad():
+            for b, saved in zip((*G.buffers(), *D.buffers()), buffers):
+                b.copy_(saved)
+        self.params = params  # the same Parameter objects train later (DDP wraps, it does not copy)
         self.fisher = fisher
-        self.anchor = [p.detach().clone() for p in params]
+        self.anchor = [p.detach().float().clone() for p in params]
 
     def g_extra_losses(self, ctx: GStepContext) -> dict[str, torch.Tensor]:
-        params = [p for p in ctx.G.parameters() if p.requires_grad]
-        diffs = torch._foreach_sub([p.float() for p in params], self.anchor)
-        terms = [(f * d * d).sum() for f, d in zip(self.fisher, diffs)]
-        return {"ewc": self.options.lam * torch.stack(terms).sum()}
+        penalty = sum((f * (p.float() - a).square()).sum()
+                      for p, f, a in zip(self.params, self.fisher, self.anchor))
+        return {"ewc": self.options.lam * penalty}
 
 
 @dataclass
@@ -96,13 +100,17 @@ class MineGAN(Strategy):
     def validate(self) -> None:
         if self.options.stage1_steps < -1:
             raise UserError(f"minegan stage1_steps={self.options.stage1_steps} must be >= 0 (or -1 for half)")
+        if self.options.hidden < 0:
+            raise UserError(f"minegan hidden={self.options.hidden} must be >= 1 (or 0 for the latent size)")
 
     def setup(self, ctx: SetupContext) -> None:
         super().setup(ctx)
-        torch.manual_seed(ctx.seed + 31)
-        self.extra_g_modules["miner"] = Miner(ctx.G.latent_dim, self.options.hidden or ctx.G.latent_dim)
+        with torch.random.fork_rng(devices=[]):  # a seeded init that leaves the global RNG alone
+            torch.manual_seed(ctx.seed + 31)
+            self.extra_g_modules["miner"] = Miner(ctx.G.latent_dim, self.options.hidden or ctx.G.latent_dim)
 
     def stage1_steps(self) -> int:
+        """Steps in stage 1 (G frozen), at most the run's steps."""
         s = self.options.stage1_steps
         return self._total_steps // 2 if s == -1 else min(s, self._total_steps)
 
@@ -115,21 +123,23 @@ class MineGAN(Strategy):
 
 @dataclass
 class CDCOptions(Options):
-    kl_weight: float = 1000.0   # weight of the distance-consistency loss (the paper's lambda)
+    kl_weight: float = 1000.0   # weight of the distance-consistency loss (the paper's kl_wt)
+    pairs: int = 4              # latents whose pairwise similarities are compared (the paper's feat_const_batch)
     g_block: int = -1           # G block whose activations are compared (-1 = the last block before the head)
     d_block: int = -2           # D block whose spatial feature feeds the patch-level head (-2 = second to last)
     anchors: int = 10           # anchor latents for image-level adversarial training (the paper's few-shot size)
     anchor_every: int = 4       # every this many steps the batch is drawn near the anchors (the paper's subspace_freq)
-    anchor_std: float = 0.05    # spread of latents around an anchor
+    anchor_std: float = 0.05    # spread of latents around an anchor (the paper's subspace_std)
 
 
 class CDC(Strategy):
     """Cross-domain distance consistency (Ojha et al. 2021).
 
-    For the batch's latents, softmax over pairwise cosine similarities of a G block's activations;
-    KL(target || frozen source G) weighted by `kl_weight`. D scores whole images on steps whose
-    latents are drawn near a few anchors and patches (a 1x1 conv on an intermediate D feature)
-    otherwise. Departure: one G block, not a random choice of layers per step.
+    For the first `pairs` latents of the G batch, softmax over each one's cosine similarities to the
+    others, computed on a G block's activations; the loss is KL(target || frozen source G), averaged
+    over the pairs x (pairs - 1) entries as the paper's code does, times `kl_weight`. D scores whole
+    images on steps whose latents are drawn near a few anchors and patches (a 1x1 conv on an
+    intermediate D feature) otherwise. Departure: one G block, not a random layer per latent.
     """
 
     name = "cdc"
@@ -139,8 +149,9 @@ class CDC(Strategy):
 
     def validate(self) -> None:
         o = self.options
-        if o.kl_weight < 0 or o.anchors < 1 or o.anchor_every < 1 or o.anchor_std < 0:
-            raise UserError("cdc needs kl_weight >= 0, anchors >= 1, anchor_every >= 1, anchor_std >= 0")
+        if o.kl_weight < 0 or o.pairs < 4 or o.anchors < 1 or o.anchor_every < 1 or o.anchor_std < 0:
+            raise UserError(f"cdc needs kl_weight >= 0, pairs >= 4, anchors >= 1, anchor_every >= 1 and "
+                            f"anchor_std >= 0; got {self.options_dict()}")
 
     def check(self, family, G: nn.Module, D: nn.Module) -> None:
         if not family.spatial_d_features:
@@ -153,17 +164,26 @@ class CDC(Strategy):
 
     def setup(self, ctx: SetupContext) -> None:
         super().setup(ctx)
-        if ctx.batch_size < 4:
-            raise UserError(f"cdc needs batch >= 4 latents for its similarity distribution (got {ctx.batch_size})")
-        self.source_G = copy.deepcopy(ctx.G).requires_grad_(False)
+        if ctx.batch_size < self.options.pairs:
+            raise UserError(f"cdc compares pairs={self.options.pairs} latents of each batch but batch="
+                            f"{ctx.batch_size}; use batch >= {self.options.pairs} or fewer pairs")
+        self.g_block = self.options.g_block % len(ctx.G.blocks)
+        # Only the blocks up to the compared one are needed from the frozen source generator.
+        self.source_blocks = copy.deepcopy(ctx.G.blocks[: self.g_block + 1]).requires_grad_(False)
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 104729)
         self.anchor_z = torch.randn(self.options.anchors, ctx.G.latent_dim, device=ctx.device, generator=gen)
-        size = ctx.G.image_shape
-        with torch.no_grad():
-            _, feats = ctx.D(torch.zeros(2, *size, device=ctx.device), return_features=True)
+        was_training = ctx.D.training
+        with torch.no_grad():  # a shape probe in eval mode, so D's buffers (BN stats, SN vectors) stay put
+            ctx.D.eval()
+            _, feats = ctx.D(torch.zeros(2, *ctx.G.image_shape, device=ctx.device), return_features=True)
+            ctx.D.train(was_training)
+        if feats[self.options.d_block].dim() != 4:
+            raise UserError(f"cdc d_block={self.options.d_block} of {ctx.family.name} is not a spatial map; "
+                            "pick a convolutional block")
         channels = feats[self.options.d_block].shape[1]
-        torch.manual_seed(ctx.seed + 17)
-        self.extra_d_modules["patch_head"] = nn.Conv2d(channels, 1, kernel_size=1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed + 17)
+            self.extra_d_modules["patch_head"] = nn.Conv2d(channels, 1, kernel_size=1)
 
     def _anchor_step(self, step: int | None) -> bool:
         return step is not None and step % self.options.anchor_every == 0
@@ -184,14 +204,19 @@ class CDC(Strategy):
         return patches + 0.0 * logits.sum()
 
     def g_extra_losses(self, ctx: GStepContext) -> dict[str, torch.Tensor]:
-        feat = ctx.g_features[self.options.g_block].float().flatten(1)
+        n = self.options.pairs
+        target = ctx.g_features[self.g_block][:n].float().flatten(1)
         with torch.no_grad():
-            self.source_G.train(ctx.G.training)
-            _, src_feats = self.source_G(ctx.z, return_features=True)
-            src = src_feats[self.options.g_block].float().flatten(1)
-        log_p_target = F.log_softmax(_pairwise_cosine(feat), dim=1)
-        log_p_source = F.log_softmax(_pairwise_cosine(src), dim=1)
-        kl = (log_p_target.exp() * (log_p_target - log_p_source)).sum(1).mean()
+            # The whole batch goes through the source blocks so BatchNorm sees the same batch
+            # statistics as in the target forward; only the first n rows are compared.
+            self.source_blocks.train(ctx.G.training)
+            h = ctx.z
+            for block in self.source_blocks:
+                h = block(h)
+            source = h[:n].float().flatten(1)
+        log_p_target = F.log_softmax(_pairwise_cosine(target), dim=1)
+        log_p_source = F.log_softmax(_pairwise_cosine(source), dim=1)
+        kl = (log_p_target.exp() * (log_p_target - log_p_source)).mean()
         return {"cdc": self.options.kl_weight * kl}
 
 

@@ -68,8 +68,13 @@ class TwoPhase(Strategy):
         if not 0.0 < self.options.split < 1.0:
             raise UserError(f"two_phase split={self.options.split} must be strictly between 0 and 1")
 
+    def setup(self, ctx: SetupContext) -> None:
+        super().setup(ctx)
+        if ctx.total_steps < 2:
+            raise UserError(f"two_phase needs steps >= 2 (one per phase), got steps={ctx.total_steps}")
+
     def boundary(self) -> int:
-        """First step of phase 2."""
+        """First step of phase 2 (0-based): round(split * steps), kept inside [1, steps - 1]."""
         return max(1, min(self._total_steps - 1, round(self.options.split * self._total_steps)))
 
     def plan(self, step: int) -> StepPlan:

@@ -1,0 +1,115 @@
+"""The `bench` command: run a matrix, list what exists, show, report and compare results."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ganlib.errors import UserError, exit_on_user_error
+
+
+def _cmd_run(args) -> int:
+    from bench.run import run_matrix
+
+    return run_matrix(args.matrix, only=args.only, resume=args.resume, out=args.out, dry_run=args.dry_run,
+                      wandb_mode=args.wandb, wandb_project=args.wandb_project, wandb_entity=args.wandb_entity,
+                      base_config=args.accelerate_config, cache_dir=args.cache_dir,
+                      retry_failed=args.retry_failed)
+
+
+def _cmd_list(args) -> int:
+    from bench.matrix import preset_names, setup_names
+    from ganlib.data import DATASETS
+    from ganlib.extractors import EXTRACTORS
+    from ganlib.losses import LOSSES
+    from ganlib.nets import NETWORKS
+    from ganlib.strategies import STRATEGIES
+
+    sections = [
+        ("presets", [(n, "") for n in preset_names()]),
+        ("setups", [(n, "") for n in setup_names()]),
+        ("strategies", [(n, STRATEGIES.get(n).paper) for n in STRATEGIES.names()]),
+        ("networks", [(n, NETWORKS.get(n).description) for n in NETWORKS.names()]),
+        ("datasets", [(n, DATASETS.get(n).description) for n in DATASETS.names()] + [("folder:PATH", "a folder of images")]),
+        ("extractors", [(n, EXTRACTORS.get(n).description) for n in EXTRACTORS.names()]),
+        ("losses", [(n, "") for n in LOSSES.names()]),
+    ]
+    for title, rows in sections:
+        print(f"{title}:")
+        width = max(len(n) for n, _ in rows)
+        for name, text in rows:
+            print(f"  {name:<{width}}  {text}".rstrip())
+    return 0
+
+
+def _cmd_show(args) -> int:
+    from bench.show import show
+
+    print(show(args.run_dir, per_cell=args.cells))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from bench.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _run_dir(text: str) -> Path:
+    path = Path(text)
+    if not (path / "results.jsonl").is_file():
+        raise UserError(f"{text} is not a bench run directory (no results.jsonl)")
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description="ganbench: compare GAN transfer strategies.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a matrix (a preset name or a YAML file; default: the default preset)")
+    run.add_argument("matrix", nargs="?", default=None, help="preset name or matrix YAML file")
+    run.add_argument("--only", default=None, help="keep matching cells: strategy=finetune,pair=mnist5k*,setup=...")
+    run.add_argument("--resume", type=Path, default=None, metavar="DIR", help="continue a run, skipping finished cells")
+    run.add_argument("--retry-failed", action="store_true", help="with --resume: rerun failed cells too")
+    run.add_argument("--out", type=Path, default=None, metavar="DIR", help="run directory (default runs/<run id>)")
+    run.add_argument("--dry-run", action="store_true", help="list the cells without training")
+    run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto")
+    run.add_argument("--wandb-project", default="ganbench")
+    run.add_argument("--wandb-entity", default=None)
+    run.add_argument("--accelerate-config", type=Path, default=Path("accelerate_config.yaml"),
+                     help="base Accelerate config each setup overrides (used when the file exists)")
+    run.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $GANBENCH_CACHE or ~/.cache/ganbench)")
+    run.set_defaults(func=_cmd_run)
+
+    lst = sub.add_parser("list", help="presets, setups, strategies, networks, datasets, extractors")
+    lst.set_defaults(func=_cmd_list)
+
+    show = sub.add_parser("show", help="print a run's results table and verdicts")
+    show.add_argument("run_dir", type=_run_dir)
+    show.add_argument("--cells", action="store_true", help="one row per cell and seed")
+    show.set_defaults(func=_cmd_show)
+
+    report = sub.add_parser("report", help="write DIR/report.html")
+    report.add_argument("run_dir", type=_run_dir)
+    report.set_defaults(func=_cmd_report)
+
+    compare = sub.add_parser("compare", help="compare two runs (exit 1 on regression)", add_help=False)
+    compare.set_defaults(func=None)
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        from bench.compare import main_compare
+
+        return main_compare(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Run one cell of the matrix in the current process group and turn it into a results record.
+
+A cell: pretrain the pair's source (cached), transfer with the cell's strategy while recording an
+FID curve, evaluate FID/KID/precision/recall once at the end, and save grids. Any exception in a
+cell becomes a `failed` record with a one-line reason; the matrix goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+from torchvision.utils import save_image
+
+from bench.env import environment
+from bench.matrix import Cell, Matrix, native_channels
+from ganlib.data import load_images, to_float
+from ganlib.errors import UserError
+from ganlib.metrics import MetricConfig, evaluate_generator
+from ganlib.pretrain import pretrain_source, source_meta
+from ganlib.train import TrainingDiverged, train
+
+FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option", injects a failure at run time
+EVAL_SEED = 4242               # latents of every evaluation (the same for every cell, so curves compare)
+
+
+def identity(matrix: Matrix, cell: Cell, run_id: str) -> dict[str, Any]:
+    """The fields that say which cell a record belongs to."""
+    return {
+        "schema": 1, "run_id": run_id, "matrix": matrix.name, "cell_id": cell.id,
+        "strategy": cell.strategy.id, "strategy_options": cell.strategy.options,
+        "pair": cell.pair.id, "source": str(cell.pair.source), "target": str(cell.pair.target),
+        "network": cell.network.name, "size": cell.network.size, "setup": cell.setup, "seed": cell.seed,
+    }
+
+
+def cell_config(matrix: Matrix, cell: Cell) -> dict[str, Any]:
+    """The cell's full configuration, as recorded and sent to W&B."""
+    return {
+        "transfer": matrix.train_config(cell).to_dict(),
+        "source_pretrain": matrix.source_config(cell).to_dict(),
+        "strategy": {"name": cell.strategy.name, "id": cell.strategy.id, "options": cell.strategy.options},
+        "metrics": dataclasses.asdict(matrix.metrics),
+        "setup": matrix.setup(cell.setup).accelerate,
+        "network": dataclasses.asdict(cell.network),
+    }
+
+
+def skipped_record(matrix: Matrix, cell: Cell, run_id: str, reason: str) -> dict[str, Any]:
+    return {**identity(matrix, cell, run_id), "status": "skipped", "reason": reason,
+            "config": cell_config(matrix, cell), "metrics": {}, "curves": {}, "artifacts": {}, "env": {}}
+
+
+def failed_record(matrix: Matrix, cell: Cell, run_id: str, reason: str) -> dict[str, Any]:
+    return {**skipped_record(matrix, cell, run_id, reason), "status": "failed"}
+
+
+def _fault(cell: Cell) -> str | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    pattern, _, kind = spec.partition("=")
+    return kind if spec and fnmatch.fnmatchcase(cell.id, pattern) else None
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, (UserError, TrainingDiverged)):
+        return str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "out of memory: " + str(err).splitlines()[0][:200]
+    frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    where = f" (at {Path(frame.filename).name}:{frame.lineno})" if frame else ""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}{where}"
+
+
+def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str,
+             cache_dir: Path | None = None) -> dict[str, Any]:
+    """Run one cell on every process of the group; returns the same record on every process."""
+    started = time.perf_counter()
+    record = {**identity(matrix, cell, run_id), "status": "ok", "reason": None,
+              "config": cell_config(matrix, cell), "env": environment(accelerator)}
+    cell_dir = run_dir / "cells" / cell.id
+    try:
+        metrics, curves, artifacts = _run(accelerator, matrix, cell, run_dir, cell_dir, cache_dir)
+        record.update(metrics=metrics, curves=curves, artifacts=artifacts)
+    except Exception as err:  # one cell failing must not stop the matrix
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        record.update(status="failed", reason=_reason(err), metrics={}, curves={}, artifacts={})
+    record.setdefault("metrics", {})["timing/wall_s"] = time.perf_counter() - started
+    return record
+
+
+def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
+         cache_dir: Path | None) -> tuple[dict, dict, dict]:
+    fault = _fault(cell)
+    overrides: dict[str, Any] = {"out": str(cell_dir), "progress": False}
+    if fault == "nan":
+        overrides["lr_d"] = overrides["lr_g"] = math.inf  # Adam with an infinite step: NaN losses
+    strategy_options = dict(cell.strategy.options)
+    if fault == "option":
+        strategy_options["no_such_option"] = 1
+    cfg = matrix.train_config(cell, strategy_options=strategy_options, **overrides)
+    network = cell.network
+    channels = native_channels(cell.pair.source)
+
+    # the whole target domain for FID (few-shot training sees only n of it)
+    real = load_images(cell.pair.eval_target, network.size, channels).images
+    target = load_images(cell.pair.target, network.size, channels).images
+    real_key = f"{cell.pair.eval_target}|{network.size}px|{channels}ch"
+    m = matrix.metrics
+    num_samples = min(m.num_samples, real.shape[0])
+    final_cfg = MetricConfig(extractor=m.extractor, num_samples=num_samples,
+                             precision_recall=m.precision_recall, inception_weights=m.inception_weights)
+    curve_cfg = dataclasses.replace(final_cfg, num_samples=min(m.curve_samples, num_samples), precision_recall=False)
+
+    metrics: dict[str, Any] = {}
+    source_dir = ""
+    if cfg.strategy != "scratch":
+        src_cfg = matrix.source_config(cell, progress=False)
+        entry, hit = pretrain_source(src_cfg, cache_dir, accelerator)
+        metrics["timing/source_pretrain_s"] = source_meta(entry).get("pretrain_s")
+        metrics["timing/source_cache_hit"] = hit
+        source_dir = str(entry)
+    cfg = dataclasses.replace(cfg, source=source_dir)
+
+    eval_seconds = [0.0]
+
+    def curve_point(step: int, G, map_latent) -> dict[str, Any] | None:
+        t0 = time.perf_counter()
+        result = evaluate_generator(accelerator, G, real, real_key, curve_cfg, seed=EVAL_SEED, transform_z=map_latent)
+        eval_seconds[0] += time.perf_counter() - t0
+        return {"fid": result.get("quality/fid")} if "quality/fid" in result else None
+
+    result = train(cfg, accelerator, eval_fn=curve_point if m.eval_every else None)
+    t0 = time.perf_counter()
+    quality = evaluate_generator(accelerator, result.generator, real, real_key, final_cfg, seed=EVAL_SEED,
+                                 transform_z=result.map_latent)
+    eval_seconds[0] += time.perf_counter() - t0
+    if quality.get("quality/status") == "failed":
+        raise TrainingDiverged(f"evaluation failed: {quality.get('quality/reason')}")
+
+    tm = result.metrics
+    transfer_s = tm["timing/train_s"]
+    metrics.update({k: v for k, v in tm.items() if not k.startswith("env/")})
+    metrics.update(quality)
+    metrics.update({
+        "timing/transfer_s": transfer_s,
+        "timing/eval_s": eval_seconds[0],
+        "timing/device_seconds": transfer_s * accelerator.num_processes,
+        **_time_to_target(result.curves.get("fid", []), m.target_fid),
+    })
+    if accelerator.is_main_process:
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        save_image(to_float(target[:64]).float() * 0.5 + 0.5, cell_dir / "real.png", nrow=8, padding=1)
+        (cell_dir / "curves.json").write_text(json.dumps(result.curves))
+    accelerator.wait_for_everyone()
+    artifacts = {"dir": f"cells/{cell.id}", "samples": f"cells/{cell.id}/samples.png",
+                 "real": f"cells/{cell.id}/real.png"}
+    return metrics, result.curves, artifacts
+
+
+def _time_to_target(curve: list[dict[str, Any]], target: float | None) -> dict[str, Any]:
+    """Training seconds and steps until the curve first reaches `target` FID (None: never or no target)."""
+    out: dict[str, Any] = {"timing/time_to_target_s": None, "timing/steps_to_target": None,
+                           "quality/target_fid": target}
+    if target is None:
+        return out
+    for point in curve:
+        fid = point.get("fid")
+        if fid is not None and fid <= target:
+            out["timing/time_to_target_s"] = point["wall_s"]
+            out["timing/steps_to_target"] = point["step"]
+            break
+    return out

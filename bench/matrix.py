@@ -1,0 +1,384 @@
+"""The benchmark matrix: a YAML file validated up front and expanded into cells.
+
+A cell is one (strategy, dataset pair, network, hardware setup, seed). Everything that can be
+wrong with a matrix (YAML syntax, unknown names and options, impossible sizes, datasets that are
+missing offline, duplicate cell ids) is found here, before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib.resources
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ganlib.config import TrainConfig
+from ganlib.data import DATASETS, FOLDER, DataSpec
+from ganlib.errors import UserError
+from ganlib.extractors import EXTRACTORS
+from ganlib.nets import NETWORKS, NetConfig, build_networks
+from ganlib.strategies import STRATEGIES, build_strategy
+
+PRESETS_DIR = importlib.resources.files("bench") / "presets"   # packaged matrix presets
+SETUPS_DIR = importlib.resources.files("bench") / "setups"     # packaged hardware setups
+# Fields of `train:` that the matrix owns itself (set per cell), so a matrix may not set them there.
+CELL_OWNED = {"net", "size", "width", "data", "strategy", "strategy_options", "source", "steps", "seed",
+              "out", "resume", "mixed_precision", "eval_every", "channels", "progress"}
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A strategy with its options; `id` names it in cell ids (defaults to the strategy name)."""
+
+    name: str
+    options: dict[str, Any]
+    id: str
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Transfer from `source` (pretraining data) to `target` (transfer data; eval uses all of its classes)."""
+
+    source: DataSpec
+    target: DataSpec
+
+    @property
+    def id(self) -> str:
+        return f"{self.source.slug}_2_{self.target.slug}"
+
+    @property
+    def eval_target(self) -> DataSpec:
+        """The target domain without the few-shot subset: FID compares against the whole domain."""
+        return dataclasses.replace(self.target, n=None)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    name: str
+    size: int
+    width: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}{self.size}w{self.width}"
+
+
+@dataclass(frozen=True)
+class SetupSpec:
+    """A hardware setup: Accelerate launch settings, from bench/setups/<name>.yaml or a file."""
+
+    name: str
+    accelerate: dict[str, Any]      # keys of an Accelerate config file (num_processes, mixed_precision, ...)
+
+    @property
+    def num_processes(self) -> int:
+        return int(self.accelerate.get("num_processes", 1))
+
+    @property
+    def num_machines(self) -> int:
+        return int(self.accelerate.get("num_machines", 1))
+
+    @property
+    def use_cpu(self) -> bool:
+        return bool(self.accelerate.get("use_cpu", False))
+
+    @property
+    def mixed_precision(self) -> str:
+        return str(self.accelerate.get("mixed_precision", "no"))
+
+    @property
+    def gpus_per_machine(self) -> int:
+        return 0 if self.use_cpu else max(1, self.num_processes // self.num_machines)
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    extractor: str = "lenet-mnist5k"   # feature extractor (ganlib.extractors); recorded with every FID
+    num_samples: int = 1000            # generated images for the final FID/KID/PR (capped at the real set size)
+    curve_samples: int = 250           # generated images per point of the FID-over-time curve
+    eval_every: int = 0                # transfer steps between curve points; 0 = no curve
+    target_fid: float | None = None    # quality target for time/steps-to-target (same extractor)
+    precision_recall: bool = True      # also precision/recall in the final evaluation
+    inception_weights: str | None = None  # local Inception weights for offline inception-v3-compat
+
+
+@dataclass(frozen=True)
+class Cell:
+    strategy: StrategySpec
+    pair: PairSpec
+    network: NetworkSpec
+    setup: str
+    seed: int
+    with_network_id: bool = False
+
+    @property
+    def id(self) -> str:
+        net = f"-{self.network.id}" if self.with_network_id else ""
+        return f"{self.strategy.id}{net}-{self.pair.id}-{self.setup}-s{self.seed}"
+
+
+@dataclass
+class Matrix:
+    """A validated matrix (see bench/presets/default.yaml for a documented example)."""
+
+    name: str
+    networks: list[NetworkSpec]
+    pairs: list[PairSpec]
+    strategies: list[StrategySpec]
+    setups: list[SetupSpec]
+    seeds: list[int]
+    source_steps: int
+    transfer_steps: int
+    train: dict[str, Any] = field(default_factory=dict)
+    metrics: MetricSpec = field(default_factory=MetricSpec)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def cells(self) -> list[Cell]:
+        """All cells, setup-major (one launch per setup runs its cells in this order)."""
+        many_nets = len(self.networks) > 1
+        return [Cell(s, p, n, setup.name, seed, many_nets)
+                for setup in self.setups for n in self.networks for p in self.pairs
+                for s in self.strategies for seed in self.seeds]
+
+    def setup(self, name: str) -> SetupSpec:
+        return next(s for s in self.setups if s.name == name)
+
+    def train_config(self, cell: Cell, **overrides) -> TrainConfig:
+        """The transfer TrainConfig of a cell (source and output filled in by the runner)."""
+        channels = native_channels(cell.pair.source)
+        values = {**self.train, "net": cell.network.name, "size": cell.network.size, "width": cell.network.width,
+                  "channels": channels, "data": str(cell.pair.target), "strategy": cell.strategy.name,
+                  "strategy_options": dict(cell.strategy.options), "steps": self.transfer_steps,
+                  "seed": cell.seed, "eval_every": self.metrics.eval_every, **overrides}
+        return TrainConfig(**values).validate()
+
+    def source_config(self, cell: Cell, **overrides) -> TrainConfig:
+        """The pretraining TrainConfig of a cell's source (shared by every strategy of the pair)."""
+        return self.train_config(cell, data=str(cell.pair.source), strategy="scratch", strategy_options={},
+                                 steps=self.source_steps, eval_every=0, **overrides)
+
+
+def native_channels(spec: DataSpec) -> int:
+    return 3 if spec.name == FOLDER else DATASETS.get(spec.name).channels
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and validation
+
+_TOP_KEYS = {"name", "description", "network", "networks", "pairs", "strategies", "setups", "seeds",
+             "source_steps", "transfer_steps", "train", "metrics"}
+
+
+def preset_names() -> list[str]:
+    files = PRESETS_DIR.iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def setup_names() -> list[str]:
+    files = SETUPS_DIR.iterdir()
+    return sorted(f.name[:-5] for f in files if f.name.endswith(".yaml"))
+
+
+def read_yaml(text: str, where: str) -> dict[str, Any]:
+    """Parse YAML into a mapping; a syntax error names the file and line."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{where}{line}: malformed YAML ({getattr(err, 'problem', None) or err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: expected a mapping of matrix fields at the top level")
+    return data
+
+
+def load_matrix(ref: str | None) -> Matrix:
+    """A matrix from a preset name (default: `default`) or a YAML file path, validated."""
+    ref = ref or "default"
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"matrix file {ref} does not exist; give a YAML file or a preset: "
+                            f"{', '.join(preset_names())}")
+        return parse_matrix(read_yaml(path.read_text(), str(path)), str(path))
+    if ref not in preset_names():
+        raise UserError(f"unknown preset {ref!r}; presets: {', '.join(preset_names())} (or give a YAML file)")
+    text = PRESETS_DIR.joinpath(f"{ref}.yaml").read_text()
+    return parse_matrix(read_yaml(text, f"preset {ref}"), f"preset {ref}")
+
+
+def load_setup(ref: str, where: str) -> SetupSpec:
+    """A setup by name (bench/setups/<name>.yaml) or by YAML file path."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"{where}: setup file {ref} does not exist")
+        data, name = read_yaml(path.read_text(), ref), path.stem
+    elif ref in setup_names():
+        data = read_yaml(SETUPS_DIR.joinpath(f"{ref}.yaml").read_text(), ref)
+        name = ref
+    else:
+        raise UserError(f"{where}: unknown setup {ref!r}; setups: {', '.join(setup_names())} (or a YAML file)")
+    mp = str(data.get("mixed_precision", "no"))
+    if mp not in ("no", "bf16", "fp16"):
+        raise UserError(f"{where}: setup {name} mixed_precision={mp!r} must be no, bf16 or fp16")
+    if mp == "fp16" and data.get("use_cpu"):
+        raise UserError(f"{where}: setup {name} asks for fp16 on the CPU, which Accelerate silently runs as fp32; "
+                        "use bf16 or no")
+    for key in ("num_processes", "num_machines"):
+        if int(data.get(key, 1)) < 1:
+            raise UserError(f"{where}: setup {name} {key} must be >= 1")
+    return SetupSpec(name=name, accelerate=data)
+
+
+def _listify(value: Any) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _require(data: dict, key: str, where: str) -> Any:
+    if key not in data:
+        raise UserError(f"{where}: missing field {key!r}")
+    return data[key]
+
+
+def _int(value: Any, what: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{what}={value!r} must be an integer >= {minimum}")
+    return value
+
+
+def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
+    """Validate a matrix mapping (UserError naming the field and `where`) and build a Matrix."""
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise UserError(f"{where}: unknown field {unknown[0]!r}; fields: {', '.join(sorted(_TOP_KEYS))}")
+    name = str(data.get("name") or Path(where).stem)
+
+    nets_raw = data.get("networks", data.get("network", {"name": "dcgan", "size": 28}))
+    networks = []
+    for item in _listify(nets_raw):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or set(item) - {"name", "size", "width"}:
+            raise UserError(f"{where}: each network needs name, size and optional width, got {item!r}")
+        spec = NetworkSpec(str(item.get("name", "dcgan")), _int(item.get("size", 28), "network size", 1),
+                           _int(item.get("width", 64), "network width", 1))
+        NETWORKS.get(spec.name)
+        networks.append(spec)
+
+    pairs = []
+    for item in _listify(_require(data, "pairs", where)):
+        if not isinstance(item, dict) or set(item) != {"source", "target"}:
+            raise UserError(f"{where}: each pair needs exactly 'source' and 'target', got {item!r}")
+        pair = PairSpec(DataSpec.parse(item["source"]), DataSpec.parse(item["target"]))
+        for spec in (pair.source, pair.target):
+            if spec.name != FOLDER:
+                DATASETS.get(spec.name)
+        pairs.append(pair)
+
+    strategies = []
+    for item in _listify(_require(data, "strategies", where)):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "options", "id"}:
+            raise UserError(f"{where}: each strategy is a name or {{name, options, id}}, got {item!r}")
+        options = item.get("options") or {}
+        build_strategy(item["name"], options)  # unknown names and options fail here
+        strategies.append(StrategySpec(item["name"], dict(options), str(item.get("id", item["name"]))))
+
+    setups = [load_setup(str(s), where) for s in _listify(data.get("setups", ["cpu-1proc"]))]
+    seeds = [_int(s, "seed") for s in _listify(data.get("seeds", [0]))]
+    train = dict(data.get("train") or {})
+    owned = sorted(set(train) & CELL_OWNED)
+    if owned:
+        raise UserError(f"{where}: train.{owned[0]} is set per cell by the matrix; remove it from train:")
+    metrics_raw = dict(data.get("metrics") or {})
+    known_metric = {f.name for f in dataclasses.fields(MetricSpec)}
+    bad = sorted(set(metrics_raw) - known_metric)
+    if bad:
+        raise UserError(f"{where}: unknown metrics field {bad[0]!r}; fields: {', '.join(sorted(known_metric))}")
+    metrics = MetricSpec(**metrics_raw)
+    EXTRACTORS.get(metrics.extractor)
+    for key in ("num_samples", "curve_samples"):
+        _int(getattr(metrics, key), f"metrics {key}", 2)
+
+    matrix = Matrix(name=name, networks=networks, pairs=pairs, strategies=strategies, setups=setups, seeds=seeds,
+                    source_steps=_int(_require(data, "source_steps", where), "source_steps", 1),
+                    transfer_steps=_int(_require(data, "transfer_steps", where), "transfer_steps", 1),
+                    train=train, metrics=metrics, raw=data)
+    _check_cells(matrix, where)
+    return matrix
+
+
+def _check_cells(matrix: Matrix, where: str) -> None:
+    """Cross-field checks: TrainConfig fields, network/strategy fit, duplicate ids, data available."""
+    try:
+        TrainConfig(**matrix.train).validate()
+    except TypeError as err:
+        raise UserError(f"{where}: train: {err}") from None
+    seen: dict[str, Cell] = {}
+    for cell in matrix.cells():
+        if cell.id in seen:
+            raise UserError(f"{where}: duplicate cell id {cell.id!r}; give repeated strategies distinct 'id's")
+        seen[cell.id] = cell
+    checked = set()
+    for net in matrix.networks:
+        for pair in matrix.pairs:
+            key = (net, native_channels(pair.source))
+            if key in checked:
+                continue
+            checked.add(key)
+            G, D = build_networks(NetConfig(net.name, net.size, key[1], matrix.train.get("latent_dim", 100), net.width))
+            family = NETWORKS.get(net.name)
+            for s in matrix.strategies:
+                build_strategy(s.name, s.options).check(family, G, D)
+
+
+def check_data(matrix: Matrix) -> None:
+    """Fail early on data that cannot be had: missing offline files, classes or n the data lacks."""
+    from ganlib.data import data_root, load_images
+
+    for pair in matrix.pairs:
+        channels = native_channels(pair.source)
+        for spec in (pair.source, pair.target):
+            if spec.name == FOLDER:
+                load_images(spec, 8, channels)
+                continue
+            entry = DATASETS.get(spec.name)
+            if entry.embedded:
+                load_images(spec, matrix.networks[0].size, channels)
+            elif entry.directory is not None and not entry.directory(data_root()).exists():
+                raise UserError(f"dataset {spec.name!r} is not under {entry.directory(data_root())}: put the files "
+                                "there (or set $GANBENCH_DATA), or download them once with "
+                                f"`python -m ganlib.train --data {spec.name} --download --steps 1`")
+
+
+def filter_cells(cells: list[Cell], only: str | None) -> list[Cell]:
+    """Keep cells matching `--only key=glob,...` (same key: any of; different keys: all of)."""
+    if not only:
+        return cells
+    wanted: dict[str, list[str]] = {}
+    for part in only.split(","):
+        key, sep, pattern = part.partition("=")
+        if not sep or key not in ("strategy", "pair", "setup", "seed", "network", "cell"):
+            raise UserError(f"--only {part!r}: expected key=pattern with key in strategy, pair, setup, seed, "
+                            "network, cell")
+        wanted.setdefault(key, []).append(pattern)
+
+    def value(cell: Cell, key: str) -> str:
+        return {"strategy": cell.strategy.id, "pair": cell.pair.id, "setup": cell.setup, "seed": str(cell.seed),
+                "network": cell.network.id, "cell": cell.id}[key]
+
+    kept = [c for c in cells if all(any(fnmatch.fnmatchcase(value(c, k), p) for p in pats)
+                                    for k, pats in wanted.items())]
+    if not kept:
+        raise UserError(f"--only {only!r} matches no cell of this matrix")
+    return kept
+
+
+def strategies_help() -> list[tuple[str, str]]:
+    return [(n, STRATEGIES.get(n).paper) for n in STRATEGIES.names()]

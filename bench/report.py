@@ -1,0 +1,385 @@
+"""`bench report DIR`: one self-contained `report.html` (plus `plots/*.png`) from results.jsonl.
+
+Self-contained means: CSS inline, every image a base64 data URI, no script, no external URL of
+any kind (text that contains a scheme is defanged), so the file opens offline and can be mailed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import math
+import os
+import re
+import string
+from collections import defaultdict
+from importlib import resources
+from pathlib import Path
+
+from bench.results import (Stat, aggregate, format_counts, group_by_pair, latest_per_cell,
+                           load_records, not_ok, ordered_unique, status_counts)
+from bench.stats import Verdict, verdicts
+
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+# (header, metric key, format spec) of the per-pair table; every cell is mean ± std (n).
+TABLE_COLUMNS = [
+    ("FID ↓", "quality/fid", ".2f"),
+    ("KID ↓", "quality/kid_mean", ".4f"),
+    ("throughput (img/s) ↑", "timing/img_per_s", ".0f"),
+    ("peak memory (GB)", "resources/peak_mem_gb", ".2f"),
+    ("wall time (s)", "timing/wall_s", ".1f"),
+    ("device time (s)", "timing/device_seconds", ".1f"),
+]
+ENV_COMMON = ("python", "torch", "accelerate", "cuda", "git_commit", "hostname")
+ENV_PER_SETUP = ("devices", "device_count", "num_processes", "mixed_precision")
+
+
+def _text(value) -> str:
+    """HTML-escaped text with any `scheme://` defanged, so the file holds no URL at all."""
+    return html.escape(str(value)).replace("://", ":&#47;&#47;")
+
+
+def slug(name: str) -> str:
+    """A file-name- and id-safe form of a pair or strategy name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _img(path: Path | None, alt: str, cls: str = "") -> str:
+    if path is None or not path.is_file():
+        return f'<div class="missing">({_text(alt)}: image missing)</div>'
+    return f'<img src="{_data_uri(path)}" alt="{_text(alt)}"{f" class={cls!r}" if cls else ""}>'
+
+
+# --- plots ---------------------------------------------------------------------------------
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless; must precede the pyplot import
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 110, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.grid": True, "grid.alpha": 0.3, "font.size": 10})
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})  # no URL in the PNG either
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _bars(ax, groups: list[str], series: list[str], stat_for, colors: dict, ylabel: str) -> None:
+    """Grouped bars: one group per `groups` entry, one bar per `series` entry, std error bars."""
+    width = 0.8 / max(1, len(series))
+    for j, name in enumerate(series):
+        xs, means, errs = [], [], []
+        for i, group in enumerate(groups):
+            stat = stat_for(group, name)
+            if stat is not None:
+                xs.append(i - 0.4 + width * (j + 0.5))
+                means.append(stat.mean)
+                errs.append(stat.std or 0.0)
+        ax.bar(xs, means, width * 0.92, yerr=errs, capsize=3, label=name,
+               color=colors.get(name), edgecolor="white")
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="x", visible=False)
+
+
+def plot_pair(run_dir: Path, pair: str, records: list[dict], colors: dict) -> dict[str, Path]:
+    """Write the four plots of one pair into run_dir/plots; returns {kind: path}."""
+    plt = _pyplot()
+    stats = aggregate(records)
+    strategies = ordered_unique(r["strategy"] for r in records)
+    setups = ordered_unique(r["setup"] for r in records)
+    setup_colors = {s: plt.cm.Set2(i % 8) for i, s in enumerate(setups)}
+    markers = dict(zip(setups, "osD^vP*X"))
+
+    def stat(strategy, setup, key):
+        return stats.get((pair, strategy, setup), {}).get(key)
+
+    out, base = {}, run_dir / PLOTS_DIR / slug(pair)
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    _bars(ax, strategies, setups, lambda st, se: stat(st, se, "quality/fid"), setup_colors,
+          "FID (lower is better)")
+    ax.set_title("FID by strategy (mean ± std over seeds)")
+    ax.legend(title="setup", frameon=False, loc="best")
+    out["fid"] = _save(fig, Path(f"{base}-fid.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, key, label in ((axes[0], "timing/img_per_s", "throughput (img/s)"),
+                           (axes[1], "resources/peak_mem_gb", "peak memory (GB)")):
+        _bars(ax, setups, strategies, lambda se, st, k=key: stat(st, se, k), colors, label)
+        ax.set_title(f"{label.split(' (')[0].capitalize()} by setup")
+    axes[1].legend(title="strategy", frameon=False, fontsize=9, loc="upper left",
+                   bbox_to_anchor=(1.01, 1.0))
+    out["throughput"] = _save(fig, Path(f"{base}-throughput-memory.png"))
+
+    fig, ax = plt.subplots(figsize=(6.2, 4.2))
+    for k, strategy in enumerate(strategies):
+        for setup in setups:
+            fid, cost = stat(strategy, setup, "quality/fid"), stat(strategy, setup,
+                                                                  "timing/device_seconds")
+            if fid is None or cost is None:
+                continue
+            ax.errorbar(cost.mean, fid.mean, xerr=cost.std or 0, yerr=fid.std or 0,
+                        fmt=markers[setup], color=colors[strategy], capsize=3, ms=7)
+            ax.annotate(strategy, (cost.mean, fid.mean), textcoords="offset points",
+                        xytext=(6, 5 if k % 2 == 0 else -12), fontsize=9,
+                        color=colors[strategy])
+    for setup in setups:  # legend for marker shapes only
+        ax.plot([], [], markers[setup], color="grey", label=setup)
+    ax.set_xlabel("device time (device-seconds)")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title("Cost vs quality (down-left is better)")
+    ax.legend(title="setup", frameon=False, loc="best")
+    out["cost"] = _save(fig, Path(f"{base}-cost-quality.png"))
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    styles = dict(zip(setups, ["-", "--", ":", "-."] * 4))
+    for strategy in strategies:
+        for setup in setups:
+            cells = [r for r in records if r["status"] == "ok" and r["strategy"] == strategy
+                     and r["setup"] == setup]
+            for ax, curve, key in ((axes[0], "train", "loss/D"), (axes[1], "train", "loss/G"),
+                                   (axes[2], "fid", "fid")):
+                steps, means = _mean_curve(cells, curve, key)
+                if steps:
+                    ax.plot(steps, means, styles[setup], color=colors[strategy], lw=1.6,
+                            label=f"{strategy} · {setup}")
+    for ax, title in zip(axes, ("loss/D", "loss/G", "FID during transfer")):
+        ax.set_title(f"{title} (mean over seeds)")
+        ax.set_xlabel("step")
+    handles, labels = axes[2].get_legend_handles_labels()
+    if handles:
+        axes[2].legend(handles, labels, frameon=False, fontsize=8, loc="upper left",
+                       bbox_to_anchor=(1.01, 1.0))
+    out["curves"] = _save(fig, Path(f"{base}-curves.png"))
+    return out
+
+
+def _mean_curve(cells: list[dict], curve: str, key: str) -> tuple[list[int], list[float]]:
+    """Mean over cells of `key` per step (steps that some seeds lack use the seeds present)."""
+    per_step: dict[int, list[float]] = defaultdict(list)
+    for cell in cells:
+        for row in (cell.get("curves") or {}).get(curve, []):
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                per_step[int(row["step"])].append(float(value))
+    steps = sorted(per_step)
+    return steps, [sum(per_step[s]) / len(per_step[s]) for s in steps]
+
+
+# --- HTML ----------------------------------------------------------------------------------
+
+def _stat_cell(stat: Stat | None, spec: str, best: bool = False) -> str:
+    if stat is None:
+        return '<td class="num">–</td>'
+    sd = f' <span class="sd">± {stat.std:{spec}}</span>' if stat.std is not None else ""
+    return (f'<td class="num{" best" if best else ""}">{stat.mean:{spec}}{sd}'
+            f'<span class="n">n={stat.n}</span></td>')
+
+
+def _env_block(records: list[dict]) -> str:
+    rows = []
+    for key in ENV_COMMON:
+        values = ordered_unique(str((r.get("env") or {}).get(key)) for r in records)
+        rows.append(f"<tr><th>{key}</th><td class='mono'>{_text(', '.join(values))}</td></tr>")
+    extractors = ordered_unique((r.get("metrics") or {}).get("quality/extractor")
+                                for r in records if r["status"] == "ok")
+    extractors = [e for e in extractors if e]
+    samples = ordered_unique((r.get("metrics") or {}).get("quality/num_samples")
+                             for r in records if r["status"] == "ok")
+    rows.append(f"<tr><th>FID extractor</th><td class='mono'>{_text(', '.join(extractors) or '?')}"
+                f" ({_text(', '.join(str(s) for s in samples if s))} samples)</td></tr>")
+    setup_rows = []
+    for setup in ordered_unique(r["setup"] for r in records):
+        env = next((r.get("env") or {}) for r in records if r["setup"] == setup)
+        values = [", ".join(map(str, v)) if isinstance(v, list) else v
+                  for v in (env.get(k) for k in ENV_PER_SETUP)]
+        setup_rows.append(f"<tr><td>{_text(setup)}</td>"
+                          + "".join(f"<td class='mono'>{_text(v)}</td>" for v in values) + "</tr>")
+    note = ""
+    if any(not str(e).lower().startswith("inception") for e in extractors):
+        note = ('<p class="note"><b>Note:</b> FID and KID here use the embedded extractor '
+                f"<code>{_text(', '.join(extractors))}</code>, not Inception-v3. They rank "
+                "strategies within this report but are <b>not comparable to Inception FID</b> "
+                "values from papers or other tools.</p>")
+    return (f'<h2 id="environment">Environment</h2>{note}<table class="kv">{"".join(rows)}</table>'
+            "<table><thead><tr><th>setup</th>" + "".join(f"<th>{k}</th>" for k in ENV_PER_SETUP)
+            + f"</tr></thead><tbody>{''.join(setup_rows)}</tbody></table>")
+
+
+def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict) -> str:
+    strategies = ordered_unique(r["strategy"] for r in records)
+    setups = ordered_unique(r["setup"] for r in records)
+    best_fid = {}
+    for setup in setups:
+        fids = [(stats[(pair, st, setup)]["quality/fid"].mean, st) for st in strategies
+                if "quality/fid" in stats.get((pair, st, setup), {})]
+        best_fid[setup] = min(fids)[1] if fids else None
+    head = "".join(f"<th>{_text(h)}</th>" for h, _, _ in TABLE_COLUMNS)
+    body = []
+    for strategy in strategies:
+        for setup in setups:
+            key = (pair, strategy, setup)
+            if key not in counts:
+                continue
+            per = stats.get(key, {})
+            cells = "".join(_stat_cell(per.get(k), spec, k == "quality/fid"
+                                       and best_fid[setup] == strategy)
+                            for _, k, spec in TABLE_COLUMNS)
+            body.append(f"<tr><td>{_text(strategy)}</td><td>{_text(setup)}</td>{cells}"
+                        f"<td>{_text(format_counts(counts[key]))}</td></tr>")
+    return (f"<table><thead><tr><th>strategy</th><th>setup</th>{head}<th>cells</th></tr></thead>"
+            f"<tbody>{''.join(body)}</tbody></table>"
+            '<p class="subtitle">Each value: mean ± sample std over seeds of the ok cells, '
+            "with n. "
+            "Best FID per setup in green.</p>")
+
+
+def _samples(run_dir: Path, records: list[dict]) -> str:
+    """Per setup: the target's real images first, then each strategy's lowest-seed ok cell."""
+    rows = []
+    for setup in ordered_unique(r["setup"] for r in records):
+        ok = sorted((r for r in records if r["setup"] == setup and r["status"] == "ok"),
+                    key=lambda r: r["seed"])
+        if not ok:
+            continue
+        real = (ok[0].get("artifacts") or {}).get("real")
+        figs = [f'<figure class="real">{_img(run_dir / real if real else None, "real")}'
+                f"<figcaption>target real images<br>{_text(ok[0]['target'])}</figcaption></figure>"]
+        for strategy in ordered_unique(r["strategy"] for r in records):
+            cell = next((r for r in ok if r["strategy"] == strategy), None)
+            if cell is None:
+                continue
+            path = (cell.get("artifacts") or {}).get("samples")
+            fid = (cell.get("metrics") or {}).get("quality/fid")
+            fid_text = f"FID {fid:.2f}" if isinstance(fid, (int, float)) else "FID –"
+            figs.append(f"<figure>{_img(run_dir / path if path else None, cell['cell_id'])}"
+                        f"<figcaption><b>{_text(strategy)}</b> · seed {cell['seed']} · "
+                        f"{fid_text}</figcaption></figure>")
+        rows.append(f"<h4>{_text(setup)}</h4><div class='samples'>{''.join(figs)}</div>")
+    return "".join(rows)
+
+
+def _verdict_html(v: Verdict) -> str:
+    cls = {True: "sig", False: "nosig"}.get(v.significant, "")
+    return f'<p class="verdict {cls}">{_text(v.text)}</p>'
+
+
+def _figure(path: Path, alt: str) -> str:
+    return f'<figure class="plot">{_img(path, alt)}</figure>'
+
+
+def _not_ok_lines(records: list[dict]) -> str:
+    return "".join(f'<p class="not-ok"><span class="status-{_text(r["status"])}">'
+                   f"{_text(r['status'])}</span> <code>{_text(r['cell_id'])}</code>: "
+                   f"{_text(r.get('reason') or 'no reason recorded')}</p>" for r in not_ok(records))
+
+
+def _not_ok_table(records: list[dict]) -> str:
+    bad = not_ok(records)
+    if not bad:
+        return '<h2 id="failed-skipped">Failed and skipped cells</h2><p>None: every cell ran.</p>'
+    rows = "".join(
+        f"<tr><td class='mono'>{_text(r['cell_id'])}</td><td>{_text(r['pair'])}</td>"
+        f"<td>{_text(r['strategy'])}</td><td>{_text(r['setup'])}</td><td>{r['seed']}</td>"
+        f"<td class='status-{_text(r['status'])}'>{_text(r['status'])}</td>"
+        f"<td class='wrap'>{_text(r.get('reason') or 'no reason recorded')}</td></tr>" for r in bad)
+    return ('<h2 id="failed-skipped">Failed and skipped cells</h2><table><thead><tr><th>cell</th>'
+            "<th>pair</th><th>strategy</th><th>setup</th><th>seed</th><th>status</th>"
+            f"<th>reason</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Render `run_dir/report.html` (and `run_dir/plots/*.png`) from the run's records."""
+    run_dir = Path(run_dir)
+    records = latest_per_cell(load_records(run_dir))
+    run_id = records[0]["run_id"] if records else run_dir.name
+    matrix = records[0].get("matrix", "?") if records else "?"
+    strategies = ordered_unique(r["strategy"] for r in records)
+    plt = _pyplot()
+    colors = {s: plt.cm.tab10(i % 10) for i, s in enumerate(strategies)}
+    stats, counts = aggregate(records), status_counts(records)
+    verdict_list = verdicts(records)
+    pairs = group_by_pair(records)
+    total = {s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "skipped")}
+
+    toc = "".join(f'<a href="#pair-{slug(p)}">{_text(p)}</a>' for p in pairs)
+    parts = [f'<header class="top" id="overview"><h1>ganbench report · {_text(run_id)}</h1>'
+             f'<p class="subtitle">matrix <b>{_text(matrix)}</b> · {len(records)} cells: '
+             f"{total['ok']} ok, {total['failed']} failed, {total['skipped']} skipped · "
+             f"{len(pairs)} pairs · {len(strategies)} strategies</p>"
+             f'<nav class="toc"><a href="#environment">environment</a>'
+             f'<a href="#verdicts">verdicts</a>{toc}<a href="#failed-skipped">failed/skipped</a>'
+             "</nav></header>"]
+    parts.append(_env_block(records) if records else "")
+    parts.append('<h2 id="verdicts">Verdicts</h2>' + "".join(map(_verdict_html, verdict_list)))
+    for pair, pair_records in pairs.items():
+        sid = f"pair-{slug(pair)}"
+        plots = plot_pair(run_dir, pair, pair_records, colors)
+        first = pair_records[0]
+        parts.append(
+            f'<section id="{sid}"><h2>{_text(pair)}</h2><p class="subtitle">'
+            f"{_text(first['source'])} → {_text(first['target'])} · {_text(first['network'])} "
+            f"{first['size']}px</p>"
+            f'<h3 id="{sid}-verdict">Verdict</h3>'
+            + "".join(_verdict_html(v) for v in verdict_list if v.pair == pair)
+            + f'<h3 id="{sid}-table">Results by strategy and setup</h3>'
+            + _pair_table(pair, pair_records, stats, counts) + _not_ok_lines(pair_records)
+            + '<div class="grid2">'
+            + f'<div class="half"><h3 id="{sid}-fid">FID by strategy</h3>'
+            + _figure(plots["fid"], "FID bars") + "</div>"
+            + f'<div class="half"><h3 id="{sid}-cost">Cost vs quality</h3>'
+            + _figure(plots["cost"], "FID against device-seconds") + "</div></div>"
+            + f'<h3 id="{sid}-throughput">Throughput and memory by setup</h3>'
+            + _figure(plots["throughput"], "throughput and memory bars")
+            + f'<h3 id="{sid}-curves">Training curves</h3>' + _figure(plots["curves"], "curves")
+            + f'<h3 id="{sid}-samples">Samples</h3>' + _samples(run_dir, pair_records)
+            + "</section>")
+    parts.append(_not_ok_table(records))
+    matrix_file = run_dir / "matrix.yaml"
+    if matrix_file.is_file():
+        parts.append(f"<details><summary>Resolved matrix (matrix.yaml)</summary>"
+                     f"<pre>{_text(matrix_file.read_text())}</pre></details>")
+    parts.append("<footer>Written by ganbench from results.jsonl; the JSONL file is the record."
+                 "</footer>")
+    template = string.Template(
+        resources.files("bench").joinpath("templates/report.html").read_text(encoding="utf-8"))
+    page = template.substitute(title=_text(f"ganbench · {run_id}"), body="\n".join(parts))
+    out = run_dir / REPORT_FILE
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+def plot_paths(run_dir: str | os.PathLike) -> list[Path]:
+    """The PNGs the last `write_report` left in run_dir/plots (the W&B summary reuses them)."""
+    return sorted((Path(run_dir) / PLOTS_DIR).glob("*.png"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `python -m bench.report DIR`: writes DIR/report.html, prints its path."""
+    from ganlib.errors import exit_on_user_error
+
+    parser = argparse.ArgumentParser(prog="bench report", description=__doc__)
+    parser.add_argument("run_dir", help="a bench run directory (holds results.jsonl)")
+    args = parser.parse_args(argv)
+    print(exit_on_user_error(write_report)(args.run_dir))
+
+
+if __name__ == "__main__":
+    main()

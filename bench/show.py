@@ -1,0 +1,111 @@
+"""`bench show DIR`: a plain-text table per pair plus the verdict lines, for a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Iterable
+
+from bench.results import (Stat, aggregate, format_counts, group_by_pair, latest_per_cell,
+                           load_records, not_ok, ordered_unique, status_counts)
+from bench.stats import verdicts
+
+# (header, metric key, format spec, with std) for the aggregated table.
+COLUMNS = [
+    ("FID", "quality/fid", ".2f", True),
+    ("KID", "quality/kid_mean", ".4f", False),
+    ("img/s", "timing/img_per_s", ".0f", False),
+    ("peak mem GB", "resources/peak_mem_gb", ".2f", False),
+    ("wall s", "timing/wall_s", ".1f", False),
+]
+
+
+def _cell(stat: Stat | None, spec: str, with_std: bool) -> str:
+    if stat is None:
+        return "-"
+    if with_std and stat.std is not None:
+        return f"{stat.mean:{spec}} ± {stat.std:{spec}}"
+    return f"{stat.mean:{spec}}"
+
+
+def _value(value, spec: str) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return f"{value:{spec}}"
+    return "-"
+
+
+def _align(rows: list[list[str]], right: set[int]) -> list[str]:
+    """Left-align text columns, right-align the numeric ones (`right`), two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        parts = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+    return lines
+
+
+def format_table(records: Iterable[dict], per_cell: bool = False) -> str:
+    """Tables per pair (one row per strategy x setup, or per cell with `per_cell`), then verdicts.
+
+    Aggregated rows give mean ± std over the ok seeds and a status column (`2 ok, 1 failed`);
+    failed and skipped cells are listed under each table with their reason.
+    """
+    records = latest_per_cell(records)
+    stats = aggregate(records)
+    counts = status_counts(records)
+    out: list[str] = []
+    for pair, pair_records in group_by_pair(records).items():
+        first = pair_records[0]
+        out.append(f"== {pair}  ({first['source']} -> {first['target']}, "
+                   f"{first['network']} {first['size']}px)")
+        if per_cell:
+            header = ["strategy", "setup", "seed", "status"] + [c[0] for c in COLUMNS]
+            rows = [header]
+            for r in pair_records:
+                metrics = r.get("metrics") or {}
+                rows.append([r["strategy"], r["setup"], str(r["seed"]), r["status"]]
+                            + [_value(metrics.get(key), spec) for _, key, spec, _ in COLUMNS])
+            out += _align(rows, right={2, *range(4, len(header))})  # seed and numbers
+        else:
+            header = ["strategy", "setup"] + [c[0] for c in COLUMNS] + ["cells"]
+            rows = [header]
+            for strategy in ordered_unique(r["strategy"] for r in pair_records):
+                for setup in ordered_unique(r["setup"] for r in pair_records):
+                    key = (pair, strategy, setup)
+                    if key not in counts:
+                        continue
+                    per = stats.get(key, {})
+                    rows.append([strategy, setup]
+                                + [_cell(per.get(k), spec, std) for _, k, spec, std in COLUMNS]
+                                + [format_counts(counts[key])])
+            out += _align(rows, right=set(range(2, 2 + len(COLUMNS))))
+        for r in not_ok(pair_records):
+            out.append(f"  {r['status']}: {r['cell_id']}: {r.get('reason') or 'no reason given'}")
+        out.append("")
+    verdict_list = verdicts(records)
+    if verdict_list:
+        out.append("verdicts (FID, lower is better):")
+        out += [f"  {v.text}" for v in verdict_list]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def show(run_dir: str | os.PathLike, per_cell: bool = False) -> str:
+    """The text `bench show DIR` prints for a run directory."""
+    return format_table(load_records(run_dir), per_cell=per_cell)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point for `python -m bench.show DIR [--cells]`."""
+    from ganlib.errors import exit_on_user_error
+
+    parser = argparse.ArgumentParser(prog="bench show", description=__doc__)
+    parser.add_argument("run_dir", help="a bench run directory (holds results.jsonl)")
+    parser.add_argument("--cells", action="store_true", help="one row per cell instead of "
+                        "mean ± std over seeds")
+    args = parser.parse_args(argv)
+    exit_on_user_error(lambda: print(show(args.run_dir, per_cell=args.cells), end=""))()
+
+
+if __name__ == "__main__":
+    main()

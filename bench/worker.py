@@ -1,0 +1,109 @@
+"""The process-group side of `bench run`: runs one setup's cells in sequence inside one launch.
+
+`bench run` starts this with `accelerate launch -m bench.worker --run-dir DIR --setup NAME`. It
+skips cells already recorded in DIR/results.jsonl, so a relaunch after a crash continues after
+the last finished cell. The main process writes each record (atomically, one line) before it
+mirrors the cell to W&B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+from bench.cell import run_cell
+from bench.matrix import Matrix, parse_matrix, read_yaml
+from bench.results import append_record, load_records, results_path
+from bench.wandb_sink import WandbSink
+from ganlib.distributed import broadcast_object, make_accelerator, shutdown
+from ganlib.errors import exit_on_user_error
+
+PLAN_FILE = "plan.json"
+MATRIX_FILE = "matrix.yaml"
+FINISHED = ("ok", "failed")
+
+
+def load_plan(run_dir: Path) -> tuple[Matrix, dict]:
+    """The resolved matrix and the plan (run id, selected cell ids) stored in a run directory."""
+    matrix = parse_matrix(read_yaml((run_dir / MATRIX_FILE).read_text(), str(run_dir / MATRIX_FILE)),
+                          str(run_dir / MATRIX_FILE))
+    plan = json.loads((run_dir / PLAN_FILE).read_text())
+    return matrix, plan
+
+
+def finished_ids(run_dir: Path, statuses=FINISHED) -> set[str]:
+    """Cell ids whose latest record has one of `statuses`."""
+    if not results_path(run_dir).exists():
+        return set()
+    latest: dict[str, str] = {}
+    for record in load_records(run_dir):
+        latest[record["cell_id"]] = record["status"]
+    return {cid for cid, status in latest.items() if status in statuses}
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, project: str,
+              entity: str | None, cache_dir: Path | None = None) -> int:
+    """Run the planned cells of `setup` (None: every planned cell) not yet finished; returns how many ran."""
+    matrix, plan = load_plan(run_dir)
+    cells = [c for c in matrix.cells() if c.id in set(plan["cells"]) and (setup is None or c.setup == setup)]
+    done = broadcast_object(accelerator, finished_ids(run_dir) if accelerator.is_main_process else None)
+    todo = [c for c in cells if c.id not in done]
+    total = len(plan["cells"])
+    sink = WandbSink(mode=wandb_mode if accelerator.is_main_process else "disabled", project=project,
+                     entity=entity, dir=run_dir)
+    if accelerator.is_main_process:
+        (run_dir / "launch").mkdir(exist_ok=True)
+        (run_dir / "launch" / f"{setup or 'external'}.pid").write_text(str(os.getpid()))
+    durations: list[float] = []
+    for cell in todo:
+        finished_before = len(done) + len(durations)
+        eta = ""
+        if durations:
+            eta = f", ETA {_fmt_s(sum(durations) / len(durations) * (total - finished_before))}"
+        accelerator.print(f"[bench] cell {finished_before + 1}/{total}: {cell.id}{eta}", flush=True)
+        t0 = time.perf_counter()
+        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir)
+        durations.append(time.perf_counter() - t0)
+        if accelerator.is_main_process:
+            append_record(run_dir, record)
+            m = record["metrics"]
+            if record["status"] == "ok":
+                summary = (f"FID {m.get('quality/fid', float('nan')):.2f}, {m.get('timing/img_per_s', 0):.0f} img/s, "
+                           f"{m.get('timing/wall_s', 0):.1f} s")
+            else:
+                summary = f"FAILED: {record['reason']}"
+            print(f"[bench]   {record['status']}: {summary}", flush=True)
+            samples = run_dir / record["artifacts"]["samples"] if record.get("artifacts") else None
+            sink.log_cell(record, samples if samples and samples.exists() else None)
+        accelerator.wait_for_everyone()
+    sink.close()
+    return len(todo)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="run one setup's cells (started by `bench run`)")
+    parser.add_argument("--run-dir", required=True, type=Path)
+    parser.add_argument("--setup", default=None)
+    parser.add_argument("--wandb", default="disabled")
+    parser.add_argument("--wandb-project", default="ganbench")
+    parser.add_argument("--wandb-entity", default=None)
+    parser.add_argument("--cache-dir", default=None, type=Path)
+    args = parser.parse_args(argv)
+    accelerator = make_accelerator()
+    run_setup(accelerator, args.run_dir, args.setup, args.wandb, args.wandb_project, args.wandb_entity,
+              args.cache_dir)
+    shutdown(accelerator)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

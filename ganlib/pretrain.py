@@ -1,0 +1,179 @@
+"""Source pretraining, cached on disk: eight strategies on one pair pretrain their source once.
+
+A source is G and D trained from scratch on the source dataset by the one training loop. The cache
+entry's name is a hash of everything that determines those weights (network, size, width, latent
+size, channels, the canonical dataset spec, steps, batch, seed, loss, learning rates, betas, R1,
+EMA, precision and the number of processes), as stylegan2-ada keys its cached dataset statistics.
+Layout of an entry, `<cache_dir>/<key>/`:
+    generator.safetensors, discriminator.safetensors   the source weights (what `--source` reads)
+    samples.png, metrics.json                           what the pretraining run wrote
+    meta.json                                           written last: the completeness marker
+
+Run it:  python -m ganlib.pretrain --net dcgan --data mnist5k:classes=0-4 --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from ganlib import checkpoint as ckpt
+from ganlib.config import TrainConfig, add_arguments, from_arguments
+from ganlib.data import DataSpec
+from ganlib.distributed import broadcast_object, make_accelerator, shutdown
+from ganlib.errors import UserError, exit_on_user_error
+from ganlib.train import native_channels, train
+
+CACHE_ENV = "GANBENCH_CACHE"  # root of every ganbench cache; sources live in its `sources/` subdir
+KEY_VERSION = 1               # bump when the meaning of a cached source changes (e.g. the loop's maths)
+
+# TrainConfig fields that do not change the weights (where files go, logging, timing) or that are
+# replaced for pretraining (strategy, source). Every other field, including ones added later, is
+# part of the key: a needless cache miss costs time, a wrong hit gives wrong weights.
+_NOT_IN_KEY = frozenset({
+    "out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every",
+    "data_root", "download", "compile", "channels_last", "strategy", "strategy_options", "source",
+    "mixed_precision",  # replaced by the precision the accelerator actually runs
+})
+
+
+def default_cache_dir() -> Path:
+    """`$GANBENCH_CACHE/sources`, or `~/.cache/ganbench/sources` when the variable is unset."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/ganbench").expanduser() / "sources"
+
+
+def source_config(cfg: TrainConfig) -> TrainConfig:
+    """The config a source is trained with: `cfg` from scratch, no source, no resume, no eval."""
+    return dataclasses.replace(cfg, strategy="scratch", strategy_options={}, source="", resume=False,
+                               eval_every=0, ckpt_every=0)
+
+
+def source_key_fields(cfg: TrainConfig, num_processes: int, mixed_precision: str) -> dict[str, Any]:
+    """The values that determine a source's weights (shown in meta.json so a key can be explained).
+
+    `num_processes` counts because the batch is per process; `mixed_precision` is what the
+    accelerator runs ("no", "bf16", "fp16"), not the config's "" (= whatever the launcher chose).
+    """
+    fields = {k: v for k, v in source_config(cfg).to_dict().items() if k not in _NOT_IN_KEY}
+    fields["data"] = str(DataSpec.parse(cfg.data))
+    fields["channels"] = cfg.channels or native_channels(cfg.data)
+    fields["mixed_precision"] = mixed_precision or "no"
+    fields["num_processes"] = int(num_processes)
+    fields["key_version"] = KEY_VERSION
+    return fields
+
+
+def source_key(cfg: TrainConfig, num_processes: int = 1, mixed_precision: str = "no") -> str:
+    """Cache entry name for the source `cfg` would pretrain: `<net>-<size>px-<data slug>-<hash>`."""
+    fields = source_key_fields(cfg, num_processes, mixed_precision)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{cfg.net}-{cfg.size}px-{DataSpec.parse(cfg.data).slug}-{digest}"
+
+
+def is_complete(entry: Path) -> bool:
+    """Whether a cache entry holds a finished source (meta.json is written last)."""
+    entry = Path(entry)
+    return all((entry / name).is_file() for name in ("generator.safetensors", "discriminator.safetensors",
+                                                     ckpt.META))
+
+
+def source_meta(entry: Path) -> dict[str, Any]:
+    """A cache entry's meta.json: key fields, `pretrain_s` (the original wall seconds), when it was made."""
+    try:
+        return json.loads((Path(entry) / ckpt.META).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"source cache entry {entry} is incomplete or corrupt ({err.__class__.__name__}); "
+                        "delete it and rerun") from None
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (flock), held by this process until the block ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def pretrain_source(cfg: TrainConfig, cache_dir: Path | None = None, accelerator=None) -> tuple[Path, bool]:
+    """Train (or reuse) the source for `cfg`; returns (cache entry directory, whether it was a hit).
+
+    `cfg` describes the source run (its `data` is the source dataset, its `steps` the pretraining
+    steps); its strategy, source, out and resume are ignored. Every process must call this: on a
+    miss all processes train together (the one loop, strategy scratch) into a temporary directory
+    that the main process renames into place. Concurrent jobs on one machine serialise on a lock
+    file per key, so a second job waits and then reuses the first job's result. `cache_dir`
+    defaults to `default_cache_dir()`.
+    """
+    cfg.validate()
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    fields = source_key_fields(cfg, accelerator.num_processes, accelerator.mixed_precision)
+    key = source_key(cfg, accelerator.num_processes, accelerator.mixed_precision)
+    entry = cache_dir / key
+
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:
+            stack.enter_context(_lock(cache_dir / f".{key}.lock"))
+            hit = is_complete(entry)  # checked under the lock: another job may just have finished it
+        else:
+            hit = None
+        hit = broadcast_object(accelerator, hit)
+        if hit:
+            return entry, True
+
+        tmp = cache_dir / f".{key}.tmp{os.getpid()}"
+        tmp = Path(broadcast_object(accelerator, str(tmp)))  # the main process's name on every process
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        started = time.perf_counter()
+        try:
+            result = train(dataclasses.replace(source_config(cfg), out=str(tmp)), accelerator)
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp / "checkpoint", ignore_errors=True)  # optimiser state: not part of a source
+                meta = {"key": key, "fields": fields, "pretrain_s": time.perf_counter() - started,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        "img_per_s": result.metrics.get("timing/img_per_s")}
+                (tmp / ckpt.META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+                if entry.exists():  # an incomplete leftover (a complete one would have been a hit)
+                    shutil.rmtree(entry)
+                os.replace(tmp, entry)
+        finally:
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    return entry, False
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--cache-dir", default="", help="source cache directory; default $GANBENCH_CACHE/sources")
+    args = parser.parse_args(argv)
+    cfg = from_arguments(args)
+    accelerator = make_accelerator(cfg.mixed_precision)
+    entry, hit = pretrain_source(cfg, Path(args.cache_dir) if args.cache_dir else None, accelerator)
+    if accelerator.is_main_process:
+        cost = source_meta(entry)["pretrain_s"]
+        print(f"{'reused' if hit else 'pretrained'} source {entry} (pretraining took {cost:.1f} s)")
+    shutdown(accelerator)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

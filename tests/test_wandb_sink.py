@@ -1,0 +1,320 @@
+"""bench/wandb_sink.py against real offline W&B runs, read back from the files wandb writes.
+
+The offline `.wandb` file is a LevelDB-style log of protobuf `Record`s; `read_wandb_file`
+decodes it (checking each chunk's CRC) so the tests compare what W&B would upload with
+results.jsonl, not what a mock was called with.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import socket
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from bench.results import IDENTITY_FIELDS, load_records
+from bench.wandb_sink import REDACTED, WandbSink, has_credentials, resolve_mode, scrub
+from fakes import FAILED_CELL, SKIPPED_CELL, cell_id, make_fake_run
+from ganlib.errors import UserError
+
+wandb = pytest.importorskip("wandb")
+from wandb.proto import wandb_internal_pb2  # noqa: E402
+
+SECRET = "secret123" + "f" * 31  # looks like a 40-character API key
+BLOCK, HEADER = 32768, 7
+
+
+def read_wandb_file(path: Path) -> list:
+    """Decode a `.wandb` transaction log into protobuf Records (FULL/FIRST/MIDDLE/LAST chunks)."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    pos, records, pending = HEADER, [], b""
+    while pos < len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer padding
+            pos += left
+            continue
+        if pos + HEADER > len(data):
+            break  # the writer has not flushed this chunk yet
+        crc, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
+        if crc == length == kind == 0:
+            pos += left
+            continue
+        if pos + HEADER + length > len(data):
+            break
+        chunk = data[pos + HEADER:pos + HEADER + length]
+        assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc
+        pos += HEADER + length
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+    return records
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def _complete_log(run_dir: Path, timeout_s: float = 20.0) -> list:
+    """The run's records once its exit record is on disk.
+
+    wandb-core buffers the transaction log and flushes it after `run.finish()` returns, so
+    a reader right after finish can see a partial file; poll until the exit record lands.
+    """
+    [log] = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = read_wandb_file(log)
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{log} has no exit record after {timeout_s} s")
+        time.sleep(0.1)
+
+
+def read_run(run_dir: Path) -> dict:
+    """The run's identity, config, history rows and final summary, as W&B recorded them."""
+    out = {"config": {}, "history": [], "summary": {}, "exit_code": None}
+    for record in _complete_log(run_dir):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            out.update(name=run.display_name, group=run.run_group, job_type=run.job_type,
+                       tags=list(run.tags))
+            out["config"].update({_key(u): json.loads(u.value_json) for u in run.config.update})
+        elif kind == "config":
+            out["config"].update({_key(u): json.loads(u.value_json)
+                                  for u in record.config.update})
+        elif kind == "history":
+            out["history"].append({_key(i): json.loads(i.value_json)
+                                   for i in record.history.item})
+        elif kind == "summary":
+            out["summary"].update({_key(u): json.loads(u.value_json)
+                                   for u in record.summary.update})
+        elif kind == "exit":
+            out["exit_code"] = record.exit.exit_code
+    return out
+
+
+def offline_runs(base: Path) -> dict[str, dict]:
+    """Every offline run under `base/wandb`, keyed by run name."""
+    runs = {}
+    for d in sorted((base / "wandb").glob("offline-run-*")):
+        run = read_run(d)
+        run["dir"] = d
+        runs[run["name"]] = run
+    return runs
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    wandb_dir = tmp_path / "wandb-home"
+    wandb_dir.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.delenv("RANK", raising=False)
+    return wandb_dir
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    run_dir = tmp_path / "run"
+    return run_dir, make_fake_run(run_dir)
+
+
+def _pick(records):
+    """One ok cell, the failed cell and the skipped cell."""
+    by_id = {r["cell_id"]: r for r in records}
+    return [records[0], by_id[cell_id(*FAILED_CELL)], by_id[cell_id(*SKIPPED_CELL)]]
+
+
+def _contains(root: Path, needle: bytes) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
+    run_dir, records = fake_run
+    cells = _pick(records)
+    cells[0] = {**cells[0], "config": {**cells[0]["config"],
+                                       "wandb": {"api_key": SECRET, "entity": "me"}}}
+    sink = WandbSink(mode="auto", dir=run_dir)  # auto + WANDB_MODE=offline
+    assert sink.mode == "offline"
+    for r in cells:
+        assert sink.log_cell(r, run_dir / r["artifacts"].get("samples", "none.png"))
+    plots = sorted(Path(p) for p in glob.glob(str(run_dir / "cells" / "*" / "real.png")))[:2]
+    assert sink.log_summary(records[0]["run_id"], records, plots)
+    assert sink.enabled and sink.warning is None
+
+    runs = offline_runs(run_dir)
+    assert set(runs) == {r["cell_id"] for r in cells} | {f"{records[0]['run_id']}-summary"}
+    for r in cells:
+        run = runs[r["cell_id"]]
+        assert (run["group"], run["job_type"]) == (r["run_id"], r["strategy"])
+        assert run["tags"] == [r["pair"], r["setup"], r["network"]]
+        assert run["exit_code"] == 0
+        assert run["config"]["cell"] == {**{k: r[k] for k in IDENTITY_FIELDS}, "env": r["env"]}
+        expected_config = scrub(r["config"])
+        assert {k: v for k, v in run["config"].items() if k not in ("cell", "_wandb")} \
+            == expected_config
+        # history: one row per step with the training values, FID curve merged in
+        rows = {row["_step"]: row for row in run["history"]}
+        for train_row in r["curves"]["train"]:
+            got = rows[train_row["step"]]
+            for key, value in train_row.items():
+                if key != "step":
+                    assert got[key] == pytest.approx(value)
+        for fid_row in r["curves"]["fid"]:
+            assert rows[fid_row["step"]]["curve/fid"] == pytest.approx(fid_row["fid"])
+        # summary: the record's final metrics win over the last history row
+        for key, value in r["metrics"].items():
+            got = run["summary"][key]
+            if isinstance(value, list):
+                assert json.loads(got) == value
+            elif isinstance(value, float):
+                assert got == pytest.approx(value)
+            else:
+                assert got == value
+        assert run["summary"]["status"] == r["status"]
+        assert run["summary"]["reason"] == r["reason"]
+        if r["status"] == "ok":
+            assert run["summary"]["samples/_type"] == "image-file"
+            assert (run["dir"] / "files" / run["summary"]["samples/path"]).is_file()
+    assert runs[cells[0]["cell_id"]]["config"]["wandb"] == {"api_key": REDACTED, "entity": "me"}
+
+    summary = runs[f"{records[0]['run_id']}-summary"]
+    assert summary["job_type"] == "summary" and summary["group"] == records[0]["run_id"]
+    table_path = summary["dir"] / "files" / summary["summary"]["cells/path"]
+    table = json.loads(table_path.read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert {row["cell_id"] for row in rows} == {r["cell_id"] for r in records}
+    by_id = {r["cell_id"]: r for r in records}
+    for row in rows:
+        record = by_id[row["cell_id"]]
+        assert row["status"] == record["status"]
+        fid = record["metrics"].get("quality/fid")
+        assert row["quality/fid"] == (pytest.approx(fid) if fid is not None else None)
+    assert summary["summary"]["cells/failed"] == 1 and summary["summary"]["cells/skipped"] == 1
+    assert {k for k in summary["summary"] if k.startswith("plots/")} >= {
+        f"plots/{p.stem}/_type" for p in plots}
+
+    # the API key is nowhere on disk, and the sync command points at these runs
+    assert _contains(run_dir, SECRET.encode()) == []
+    assert _contains(wandb_env, SECRET.encode()) == []
+    command = sink.close()
+    assert command == f"wandb sync {run_dir / 'wandb'}/offline-run-*"
+    assert command in capsys.readouterr().out
+    assert len(glob.glob(command.split(" ", 2)[2])) == len(cells) + 1
+
+
+def test_disabled_writes_nothing(fake_run, wandb_env, capsys):
+    run_dir, records = fake_run
+    before = sorted(p for p in run_dir.rglob("*"))
+    sink = WandbSink(mode="disabled", dir=run_dir)
+    assert not sink.log_cell(records[0], run_dir / records[0]["artifacts"]["samples"])
+    assert not sink.log_summary(records[0]["run_id"], records, [])
+    assert sink.close() is None
+    assert sorted(p for p in run_dir.rglob("*")) == before
+    assert not (run_dir / "wandb").exists() and list(wandb_env.iterdir()) == []
+    assert capsys.readouterr().out == ""
+
+
+def test_init_failure_disables_sink_and_keeps_results(fake_run, wandb_env, monkeypatch, capsys):
+    run_dir, records = fake_run
+    calls = []
+
+    def broken_init(*args, **kwargs):
+        calls.append(kwargs)
+        raise wandb.errors.CommError("could not reach api.wandb.ai: timed out")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    sink = WandbSink(mode="online", dir=run_dir)
+    assert sink.log_cell(records[0], None) is False
+    assert not sink.enabled
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: W&B logging of cell")
+    assert "CommError" in err
+    # disabled for the rest of the run: no second init attempt
+    assert sink.log_cell(records[1], None) is False
+    assert sink.log_summary(records[0]["run_id"], records, []) is False
+    assert len(calls) == 1 and calls[0]["settings"].init_timeout > 0
+    assert load_records(run_dir) == records
+
+
+def test_unreachable_server_disables_within_timeout(fake_run, wandb_env, monkeypatch, capsys):
+    run_dir, records = fake_run
+    with socket.socket() as sock:  # a local port with nobody listening: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    sink = WandbSink(mode="online", dir=run_dir, init_timeout_s=3)
+    start = time.monotonic()
+    assert sink.log_cell(records[0], None) is False
+    assert time.monotonic() - start < 30
+    assert not sink.enabled and capsys.readouterr().err.startswith("warning: W&B logging")
+    assert load_records(run_dir) == records
+    assert _contains(run_dir, SECRET.encode()) == []
+
+
+def test_log_failure_finishes_run_as_failed(fake_run, wandb_env, monkeypatch, capsys):
+    run_dir, records = fake_run
+
+    def broken_log(self, *args, **kwargs):
+        raise OSError("disk full while writing history")
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
+    sink = WandbSink(mode="offline", dir=run_dir)
+    assert sink.log_cell(records[0], run_dir / records[0]["artifacts"]["samples"]) is False
+    assert not sink.enabled and "disk full" in sink.warning
+    assert capsys.readouterr().err.count("warning:") == 1
+    [run] = offline_runs(run_dir).values()
+    assert run["exit_code"] == 1  # the half-logged run was closed, not left dangling
+    assert sink.log_cell(records[1], None) is False
+    assert len(offline_runs(run_dir)) == 1
+    assert load_records(run_dir) == records
+
+
+def test_auto_mode_follows_credentials(tmp_path, monkeypatch):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    netrc_file = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert not has_credentials() and resolve_mode("auto") == "offline"
+    netrc_file.write_text("machine other.host login user password abc\n")
+    assert resolve_mode("auto") == "offline"
+    netrc_file.write_text("machine api.wandb.ai login user password " + "a" * 40 + "\n")
+    netrc_file.chmod(0o600)
+    assert has_credentials() and resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_mode("auto") == "offline" and resolve_mode("online") == "online"
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("NETRC", str(tmp_path / "absent"))
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    assert resolve_mode("auto") == "online"
+    with pytest.raises(UserError, match="'cloud'"):
+        resolve_mode("cloud")
+
+
+def test_non_main_process_is_disabled(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    sink = WandbSink(mode="offline", dir=tmp_path)
+    assert sink.mode == "disabled" and not sink.enabled
+
+
+def test_scrub_redacts_nested_secret_keys():
+    config = {"lr": 0.1, "API_KEY": "k", "auth": {"Token": "t", "user": "u"},
+              "hooks": [{"password": "p", "x": 1}], "monkey_patch": True}
+    assert scrub(config) == {"lr": 0.1, "API_KEY": REDACTED,
+                             "auth": {"Token": REDACTED, "user": "u"},
+                             "hooks": [{"password": REDACTED, "x": 1}], "monkey_patch": REDACTED}
+    assert config["API_KEY"] == "k"  # the caller's dict is untouched
