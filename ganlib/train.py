@@ -17,20 +17,22 @@ import hashlib
 import json
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ganlib import checkpoint as ckpt
 from ganlib.config import ArgumentParser, TrainConfig, add_arguments, from_arguments
 from ganlib.data import DATASETS, FOLDER, DataSpec, DeviceBatcher, load_images
-from ganlib.distributed import broadcast_buffers, gather_floats, make_accelerator, shutdown
+from ganlib.distributed import (broadcast_buffers, broadcast_object, gather_floats, make_accelerator, shutdown,
+                                unwrap)
 from ganlib.errors import UserError, exit_on_user_error
 from ganlib.losses import LOSSES, r1_penalty
 from ganlib.measure import StepClock, peak_memory_gb, percentile, reset_peak_memory
@@ -121,7 +123,7 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
     """
     cfg.validate()
     wall_start = time.perf_counter()
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision, compile=cfg.compile)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     out = Path(cfg.out)
 
@@ -197,8 +199,8 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
                         **({"scaler": accelerator.scaler} if accelerator.scaler is not None else {})}
     start_step = 0
     if resuming:
-        unwrapped = {"generator": accelerator.unwrap_model(G), "discriminator": accelerator.unwrap_model(D),
-                     **{k: accelerator.unwrap_model(m) for k, m in extras.items()}}
+        unwrapped = {"generator": unwrap(accelerator, G), "discriminator": unwrap(accelerator, D),
+                     **{k: unwrap(accelerator, m) for k, m in extras.items()}}
         if ema is not None:
             unwrapped["generator_ema"] = ema
         for name, module in unwrapped.items():
@@ -209,23 +211,29 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
 
     def save(step: int) -> None:
         broadcast_buffers(accelerator, [G, D, *extras.values(), *([ema] if ema is not None else [])])
+        # What a resumed run needs to report like an uninterrupted one: curves, seconds so far, and the
+        # losses not yet read back (averaged over processes now, as `_read_logs` would have).
+        unread = [dict(zip(sorted(logs), accelerator.reduce(torch.stack([logs[k].float() for k in sorted(logs)]),
+                                                             reduction="mean").cpu().tolist())) for logs in pending]
+        progress = {"train_s": train_seconds, "curves": {"train": train_curve, "fid": fid_curve}, "unread": unread}
         tmp = ckpt.begin_checkpoint(resume_dir) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         ckpt.write_rng(resume_dir.with_name(f".{resume_dir.name}.tmp"), rank, ckpt.rng_state(generators))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            modules = {"generator": accelerator.unwrap_model(G), "discriminator": accelerator.unwrap_model(D),
-                       **{k: accelerator.unwrap_model(m) for k, m in extras.items()}}
+            modules = {"generator": unwrap(accelerator, G), "discriminator": unwrap(accelerator, D),
+                       **{k: unwrap(accelerator, m) for k, m in extras.items()}}
             if ema is not None:
                 modules["generator_ema"] = ema
             ckpt.finish_checkpoint(tmp, resume_dir, step=step, modules=modules,
                                    optimizers=optimizer_states,
                                    meta={"fingerprint": fingerprint(cfg), "config": cfg.to_dict(),
-                                         "num_processes": world, "mixed_precision": accelerator.mixed_precision})
+                                         "num_processes": world, "mixed_precision": accelerator.mixed_precision,
+                                         "progress": progress})
         accelerator.wait_for_everyone()
 
     def eval_generator() -> nn.Module:
-        return ema if ema is not None else accelerator.unwrap_model(G)
+        return ema if ema is not None else unwrap(accelerator, G)
 
     def map_latent_eval(z: torch.Tensor) -> torch.Tensor:
         return strategy.map_latent(z, None)
@@ -248,11 +256,17 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
             fid_curve.append({"step": step, "wall_s": round(train_seconds, 3), **result})
 
     clock = StepClock(device, warmup=cfg.warmup_steps)
+    step_flops = 0
     reset_peak_memory(device)
     pending: list[dict[str, torch.Tensor]] = []
     g_ctx_wants_features = strategy.wants_g_features
     r1_scale = cfg.r1_gamma / 2 * cfg.r1_interval
 
+    if resuming and "progress" in meta:
+        train_seconds = meta["progress"]["train_s"]
+        train_curve.extend(meta["progress"]["curves"]["train"])
+        fid_curve.extend(meta["progress"]["curves"]["fid"])
+        pending = [{k: torch.tensor(v, device=device) for k, v in logs.items()} for logs in meta["progress"]["unread"]]
     if eval_fn is not None and cfg.eval_every and start_step == 0:
         run_eval(0)
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.strategy} {cfg.net}", unit="step",
@@ -262,58 +276,71 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
     for step in range(start_step, cfg.steps):
         step_t0 = time.perf_counter()
         clock.start()
+        flop_counter = FlopCounterMode(display=False) if step == start_step else nullcontext()
+        flop_counter.__enter__()
         plan = strategy.plan(step)
         logs: dict[str, torch.Tensor] = {}
 
-        if plan.train_d:
-            real = batcher.next(cfg.batch)
-            z = torch.randn(cfg.batch, cfg.latent_dim, device=device, generator=z_gen)
-            with torch.no_grad(), accelerator.autocast():
-                fake = G(strategy.map_latent(z, step))
-            do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
-            if do_r1:
-                real.requires_grad_(True)
-            with accelerator.autocast():
-                real_logits = strategy.discriminate(D, real, step)
-                fake_logits = strategy.discriminate(D, fake.detach(), step)
-                loss_d = loss.d_loss(real_logits, fake_logits)
-                logs["loss/D"] = loss_d.detach()
-                if do_r1:
-                    penalty = r1_penalty(real_logits, real)
-                    logs["loss/D/r1"] = penalty.detach()
-                    loss_d = loss_d + penalty * r1_scale
-            accelerator.backward(loss_d)
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-
-        if plan.train_g:
-            z = torch.randn(cfg.batch, cfg.latent_dim, device=device, generator=z_gen)
-            with ExitStack() as stack:
-                stack.enter_context(frozen_for_phase(accelerator, d_modules, d_params, active=False))
-                stack.enter_context(frozen_for_phase(accelerator, [G], g_body_params, active=plan.g_body))
+        with ExitStack() as g_phase:
+            g_out = None
+            if plan.train_g:
+                # One G forward per step: the D phase scores these images detached and the G phase
+                # back-propagates through them (as the PyTorch DCGAN example does), saving a G forward.
+                g_phase.enter_context(frozen_for_phase(accelerator, [G], g_body_params, active=plan.g_body))
+                z = torch.randn(cfg.batch, cfg.latent_dim, device=device, generator=z_gen)
                 with accelerator.autocast():
                     z_in = strategy.map_latent(z, step)
-                    if g_ctx_wants_features:
-                        fake, feats = G(z_in, return_features=True)
-                    else:
-                        fake, feats = G(z_in), None
-                    loss_g = loss.g_loss(strategy.discriminate(D, fake, step))
-                    logs["loss/G"] = loss_g.detach()
-                    extra = strategy.g_extra_losses(GStepContext(step=step, z=z_in, fake=fake,
-                                                                 g_features=feats, G=G))
-                    for name, value in extra.items():
-                        logs[f"loss/G/{name}"] = value.detach()
-                        loss_g = loss_g + value
-                accelerator.backward(loss_g)
+                    g_out = G(z_in, return_features=True) if g_ctx_wants_features else (G(z_in), None)
+
+            if plan.train_d:
+                real = batcher.next(cfg.batch)
+                if g_out is not None:
+                    fake = g_out[0].detach()
+                else:
+                    z = torch.randn(cfg.batch, cfg.latent_dim, device=device, generator=z_gen)
+                    with torch.no_grad(), accelerator.autocast():
+                        fake = G(strategy.map_latent(z, step))
+                do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
+                if do_r1:
+                    real.requires_grad_(True)
+                with accelerator.autocast():
+                    real_logits = strategy.discriminate(D, real, step)
+                    fake_logits = strategy.discriminate(D, fake, step)
+                    loss_d = loss.d_loss(real_logits, fake_logits)
+                    logs["loss/D"] = loss_d.detach()
+                    if do_r1:
+                        penalty = r1_penalty(real_logits, real)
+                        logs["loss/D/r1"] = penalty.detach()
+                        loss_d = loss_d + penalty * r1_scale
+                accelerator.backward(loss_d)
+                opt_d.step()
+                opt_d.zero_grad(set_to_none=True)
+
+            if plan.train_g:
+                fake, feats = g_out
+                with frozen_for_phase(accelerator, d_modules, d_params, active=False):
+                    with accelerator.autocast():
+                        loss_g = loss.g_loss(strategy.discriminate(D, fake, step))
+                        logs["loss/G"] = loss_g.detach()
+                        extra = strategy.g_extra_losses(GStepContext(step=step, z=z_in, fake=fake,
+                                                                     g_features=feats, G=G))
+                        for name, value in extra.items():
+                            logs[f"loss/G/{name}"] = value.detach()
+                            loss_g = loss_g + value
+                    accelerator.backward(loss_g)
+        if plan.train_g:
             opt_g.step()
             opt_g.zero_grad(set_to_none=True)
             if ema is not None:
                 with torch.no_grad():
-                    src = accelerator.unwrap_model(G)
+                    src = unwrap(accelerator, G)
                     torch._foreach_lerp_(list(ema.parameters()), list(src.parameters()), 1.0 - cfg.ema_decay)
                     for b_ema, b in zip(ema.buffers(), src.buffers()):
                         b_ema.copy_(b)
 
+        flop_counter.__exit__(None, None, None)
+        if step == start_step:  # a warm-up step: counting costs time, but it is not timed
+            step_flops = flop_counter.get_total_flops()
         pending.append(logs)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -324,10 +351,11 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
         clock.stop()
         train_seconds += time.perf_counter() - step_t0
         bar.update(1)
-        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
-            save(done)
         if eval_fn is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
             run_eval(done)
+        # after the evaluation, so a resumed run has its result and the random state that followed it
+        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
+            save(done)
     bar.close()
 
     step_times = clock.step_times_s()
@@ -349,6 +377,8 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
         "resources/peak_mem_gb_per_process": peaks,
         "resources/mem_kind": mem_kind,
         "resources/optimizer_state_bytes": optimizer_state_bytes([opt_g.optimizer, opt_d.optimizer]),
+        "perf/flops_per_step": step_flops,  # per process: matmul/conv FLOPs of one D+G step
+        "perf/achieved_tflops": (step_flops * clock.timed_steps / timed / 1e12) if timed > 0 else None,
         "params/trainable": n_trainable,
         "params/frozen": n_frozen,
         "env/num_processes": world,
@@ -361,6 +391,7 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
     if accelerator.is_main_process:
         _write_outputs(out, accelerator, G, D, extras, ema, eval_generator(), map_latent_eval, fixed_z)
     metrics["timing/wall_s"] = time.perf_counter() - wall_start
+    metrics = broadcast_object(accelerator, metrics)  # step times and walls differ per process: report the main's
     if accelerator.is_main_process:
         ckpt.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
     accelerator.wait_for_everyone()
@@ -383,10 +414,10 @@ def _read_logs(accelerator, pending: list[dict[str, torch.Tensor]], step: int) -
 def _write_outputs(out: Path, accelerator, G, D, extras, ema, gen, map_latent, fixed_z) -> None:
     """Main process: final weights (same parameter names as the source), a fixed-noise sample grid."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_weights(out / "generator.safetensors", accelerator.unwrap_model(G))
-    ckpt.save_weights(out / "discriminator.safetensors", accelerator.unwrap_model(D))
+    ckpt.save_weights(out / "generator.safetensors", unwrap(accelerator, G))
+    ckpt.save_weights(out / "discriminator.safetensors", unwrap(accelerator, D))
     for name, module in extras.items():
-        ckpt.save_weights(out / f"{name}.safetensors", accelerator.unwrap_model(module))
+        ckpt.save_weights(out / f"{name}.safetensors", unwrap(accelerator, module))
     if ema is not None:
         ckpt.save_weights(out / "generator_ema.safetensors", ema)
     was_training = gen.training
@@ -405,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     cfg = from_arguments(parser.parse_args(argv))
-    accelerator = make_accelerator(cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision, compile=cfg.compile)
     try:
         result = train(cfg, accelerator)
     except TrainingDiverged as err:
