@@ -17,7 +17,7 @@ import hashlib
 import json
 import sys
 import time
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -115,189 +115,185 @@ def optimizer_state_bytes(optimizers: list[torch.optim.Optimizer]) -> int:
     return total
 
 
-def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) -> TrainResult:
-    """Train G and D per `cfg` on this process group; every process must call it.
+class Trainer:
+    """One training run on this process group: `step()` is one D+G step, `run()` the whole run.
 
-    Writes to `cfg.out` (main process): final weights as safetensors, `samples.png`, `metrics.json`,
-    and `checkpoint/` every `ckpt_every` steps and at the end. Returns the same metrics everywhere.
+    Construction checks every input before anything is written, builds the networks, applies the
+    strategy (freezing, extra modules), prepares everything with Accelerate and restores a
+    checkpoint when resuming. Every process must construct it and call the same methods.
     """
-    cfg.validate()
-    wall_start = time.perf_counter()
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision, compile=cfg.compile)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    out = Path(cfg.out)
 
-    # --- everything that can be wrong with the input is checked before anything is written ---
-    loss = LOSSES.get(cfg.loss)
-    family = NETWORKS.get(cfg.net)
-    strategy = build_strategy(cfg.strategy, cfg.strategy_options)
-    channels = cfg.channels or native_channels(cfg.data)
-    images = load_images(cfg.data, cfg.size, channels, root=cfg.data_root or None, download=cfg.download).images
-    torch.manual_seed(cfg.seed)  # identical initial weights on every process
-    net_cfg = NetConfig(cfg.net, cfg.size, channels, cfg.latent_dim, cfg.width)
-    G, D = build_networks(net_cfg)
-    strategy.check(family, G, D)
-    if strategy.loads_source:
-        if not cfg.source:
-            raise UserError(f"strategy {cfg.strategy!r} transfers from a source: pass --source DIR "
-                            "(a directory with generator.safetensors and discriminator.safetensors)")
-        ckpt.load_weights(Path(cfg.source) / "generator.safetensors", G, "source generator")
-        ckpt.load_weights(Path(cfg.source) / "discriminator.safetensors", D, "source discriminator")
-    resume_dir = out / "checkpoint"
-    resume_from = ckpt.find_checkpoint(resume_dir) if cfg.resume else None
-    resuming = resume_from is not None
-    if resuming:
-        meta = ckpt.read_meta(resume_from)
-        if meta.get("fingerprint") != fingerprint(cfg):
-            raise UserError(f"{resume_dir} was written by a different configuration; "
-                            "resume with the same options or use another --out")
-        written = (meta.get("num_processes", world), meta.get("mixed_precision", accelerator.mixed_precision))
-        if written != (world, accelerator.mixed_precision):
-            raise UserError(f"{resume_dir} was written by {written[0]} process(es) in precision {written[1]!r}, "
-                            f"this run has {world} in {accelerator.mixed_precision!r}; resume with the same setup")
+    def __init__(self, cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None):
+        cfg.validate()
+        self.wall_start = time.perf_counter()
+        self.cfg, self.eval_fn = cfg, eval_fn
+        accelerator = self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, compile=cfg.compile)
+        device, rank, world = self.device, self.rank, self.world = (accelerator.device, accelerator.process_index,
+                                                                      accelerator.num_processes)
+        self.out = Path(cfg.out)
 
-    G.to(device)
-    D.to(device)
-    strategy.setup(SetupContext(G=G, D=D, family=family, loss=loss, device=device, seed=cfg.seed,
-                                total_steps=cfg.steps, batch_size=cfg.batch))
-    for extra in (*strategy.extra_g_modules.values(), *strategy.extra_d_modules.values()):
-        extra.to(device)
-    if cfg.channels_last and images.dim() == 4:
-        G.to(memory_format=torch.channels_last)
-        D.to(memory_format=torch.channels_last)
-    g_side = [G, *strategy.extra_g_modules.values()]
-    d_side = [D, *strategy.extra_d_modules.values()]
-    n_trainable = sum(p.numel() for m in g_side + d_side for p in m.parameters() if p.requires_grad)
-    n_frozen = sum(p.numel() for m in g_side + d_side for p in m.parameters() if not p.requires_grad)
-    opt_g = _make_optimizer(_trainable(g_side), cfg.lr_g, cfg)
-    opt_d = _make_optimizer(_trainable(d_side), cfg.lr_d, cfg)
-    ema = None
-    if cfg.ema_decay > 0:
-        ema = copy.deepcopy(G).eval().requires_grad_(False)
+        # --- everything that can be wrong with the input is checked before anything is written ---
+        self.loss = loss = LOSSES.get(cfg.loss)
+        family = NETWORKS.get(cfg.net)
+        self.strategy = strategy = build_strategy(cfg.strategy, cfg.strategy_options)
+        channels = cfg.channels or native_channels(cfg.data)
+        images = load_images(cfg.data, cfg.size, channels, root=cfg.data_root or None, download=cfg.download).images
+        torch.manual_seed(cfg.seed)  # identical initial weights on every process
+        G, D = build_networks(NetConfig(cfg.net, cfg.size, channels, cfg.latent_dim, cfg.width))
+        strategy.check(family, G, D)
+        if strategy.loads_source:
+            if not cfg.source:
+                raise UserError(f"strategy {cfg.strategy!r} transfers from a source: pass --source DIR "
+                                "(a directory with generator.safetensors and discriminator.safetensors)")
+            ckpt.load_weights(Path(cfg.source) / "generator.safetensors", G, "source generator")
+            ckpt.load_weights(Path(cfg.source) / "discriminator.safetensors", D, "source discriminator")
+        self.resume_dir = self.out / "checkpoint"
+        resume_from = ckpt.find_checkpoint(self.resume_dir) if cfg.resume else None
+        meta: dict[str, Any] = {}
+        if resume_from is not None:
+            meta = ckpt.read_meta(resume_from)
+            if meta.get("fingerprint") != fingerprint(cfg):
+                raise UserError(f"{self.resume_dir} was written by a different configuration; "
+                                "resume with the same options or use another --out")
+            written = (meta.get("num_processes", world), meta.get("mixed_precision", accelerator.mixed_precision))
+            if written != (world, accelerator.mixed_precision):
+                raise UserError(f"{self.resume_dir} was written by {written[0]} process(es) in precision "
+                                f"{written[1]!r}, this run has {world} in {accelerator.mixed_precision!r}; "
+                                "resume with the same setup")
 
-    g_extras, d_extras = list(strategy.extra_g_modules), list(strategy.extra_d_modules)
-    prepared = accelerator.prepare(G, D, *strategy.extra_g_modules.values(), *strategy.extra_d_modules.values(),
-                                   opt_g, opt_d)
-    G, D = prepared[0], prepared[1]
-    extras = dict(zip(g_extras + d_extras, prepared[2:-2]))
-    strategy.extra_g_modules = {k: extras[k] for k in g_extras}
-    strategy.extra_d_modules = {k: extras[k] for k in d_extras}
-    opt_g, opt_d = prepared[-2], prepared[-1]
-    g_body_params = [p for p in G.parameters() if p.requires_grad]
-    d_modules = [D, *strategy.extra_d_modules.values()]
-    d_params = _trainable(d_modules)
+        G.to(device)
+        D.to(device)
+        strategy.setup(SetupContext(G=G, D=D, family=family, loss=loss, device=device, seed=cfg.seed,
+                                    total_steps=cfg.steps, batch_size=cfg.batch))
+        for extra in (*strategy.extra_g_modules.values(), *strategy.extra_d_modules.values()):
+            extra.to(device)
+        if cfg.channels_last and images.dim() == 4:
+            G.to(memory_format=torch.channels_last)
+            D.to(memory_format=torch.channels_last)
+        g_side = [G, *strategy.extra_g_modules.values()]
+        d_side = [D, *strategy.extra_d_modules.values()]
+        self.n_trainable = sum(p.numel() for m in g_side + d_side for p in m.parameters() if p.requires_grad)
+        self.n_frozen = sum(p.numel() for m in g_side + d_side for p in m.parameters() if not p.requires_grad)
+        opt_g = _make_optimizer(_trainable(g_side), cfg.lr_g, cfg)
+        opt_d = _make_optimizer(_trainable(d_side), cfg.lr_d, cfg)
+        self.ema = copy.deepcopy(G).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
 
-    batcher = DeviceBatcher(images, device, seed=cfg.seed * 1000 + rank)
-    z_gen = torch.Generator(device=device)
-    z_gen.manual_seed(cfg.seed * 1000 + 500 + rank)
-    generators = {"data": batcher.generator, "latent": z_gen}
-    fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed),
-                          ).to(device)
+        g_extras, d_extras = list(strategy.extra_g_modules), list(strategy.extra_d_modules)
+        prepared = accelerator.prepare(G, D, *strategy.extra_g_modules.values(),
+                                       *strategy.extra_d_modules.values(), opt_g, opt_d)
+        self.G, self.D = prepared[0], prepared[1]
+        self.extras = dict(zip(g_extras + d_extras, prepared[2:-2]))
+        strategy.extra_g_modules = {k: self.extras[k] for k in g_extras}
+        strategy.extra_d_modules = {k: self.extras[k] for k in d_extras}
+        self.opt_g, self.opt_d = prepared[-2], prepared[-1]
+        self.g_body_params = [p for p in self.G.parameters() if p.requires_grad]
+        self.d_modules = [self.D, *strategy.extra_d_modules.values()]
+        self.d_params = _trainable(self.d_modules)
 
-    # fp16's loss scale is optimiser state too: without it a resumed run is not the same run.
-    optimizer_states = {"G": opt_g.optimizer, "D": opt_d.optimizer,
-                        **({"scaler": accelerator.scaler} if accelerator.scaler is not None else {})}
-    start_step = 0
-    if resuming:
-        unwrapped = {"generator": unwrap(accelerator, G), "discriminator": unwrap(accelerator, D),
-                     **{k: unwrap(accelerator, m) for k, m in extras.items()}}
-        if ema is not None:
-            unwrapped["generator_ema"] = ema
-        for name, module in unwrapped.items():
+        self.batcher = DeviceBatcher(images, device, seed=cfg.seed * 1000 + rank)
+        self.z_gen = torch.Generator(device=device)
+        self.z_gen.manual_seed(cfg.seed * 1000 + 500 + rank)
+        self.generators = {"data": self.batcher.generator, "latent": self.z_gen}
+        self.fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)
+                                   ).to(device)
+        # fp16's loss scale is optimiser state too: without it a resumed run is not the same run.
+        self.optimizer_states = {"G": self.opt_g.optimizer, "D": self.opt_d.optimizer,
+                                 **({"scaler": accelerator.scaler} if accelerator.scaler is not None else {})}
+        self.r1_scale = cfg.r1_gamma / 2 * cfg.r1_interval
+        self.fid_curve: list[dict[str, Any]] = []
+        self.train_curve: list[dict[str, Any]] = []
+        self.pending: list[dict[str, torch.Tensor]] = []
+        self.train_seconds = 0.0
+        self.start_step = 0
+        if resume_from is not None:
+            self._restore(resume_from, meta)
+
+    def _restore(self, resume_from: Path, meta: dict[str, Any]) -> None:
+        for name, module in self._modules_to_save().items():
             ckpt.load_weights(resume_from / f"{name}.safetensors", module, f"checkpoint {name}")
-        ckpt.load_optimizers(resume_from, optimizer_states)
-        ckpt.set_rng_state(ckpt.load_rng(resume_from, rank), generators)
-        start_step = meta["step"]
+        ckpt.load_optimizers(resume_from, self.optimizer_states)
+        ckpt.set_rng_state(ckpt.load_rng(resume_from, self.rank), self.generators)
+        self.start_step = meta["step"]
+        if "progress" in meta:
+            progress = meta["progress"]
+            self.train_seconds = progress["train_s"]
+            self.train_curve.extend(progress["curves"]["train"])
+            self.fid_curve.extend(progress["curves"]["fid"])
+            self.pending = [{k: torch.tensor(v, device=self.device) for k, v in logs.items()}
+                            for logs in progress["unread"]]
 
-    def save(step: int) -> None:
-        broadcast_buffers(accelerator, [G, D, *extras.values(), *([ema] if ema is not None else [])])
+    def _modules_to_save(self) -> dict[str, nn.Module]:
+        modules = {"generator": unwrap(self.accelerator, self.G), "discriminator": unwrap(self.accelerator, self.D),
+                   **{k: unwrap(self.accelerator, m) for k, m in self.extras.items()}}
+        if self.ema is not None:
+            modules["generator_ema"] = self.ema
+        return modules
+
+    def save(self, step: int) -> None:
+        """Checkpoint after `step` steps (every process calls it; the main process writes weights)."""
+        accelerator = self.accelerator
+        broadcast_buffers(accelerator, [self.G, self.D, *self.extras.values(), *([self.ema] if self.ema else [])])
         # What a resumed run needs to report like an uninterrupted one: curves, seconds so far, and the
         # losses not yet read back (averaged over processes now, as `_read_logs` would have).
         unread = [dict(zip(sorted(logs), accelerator.reduce(torch.stack([logs[k].float() for k in sorted(logs)]),
-                                                             reduction="mean").cpu().tolist())) for logs in pending]
-        progress = {"train_s": train_seconds, "curves": {"train": train_curve, "fid": fid_curve}, "unread": unread}
-        tmp = ckpt.begin_checkpoint(resume_dir) if accelerator.is_main_process else None
+                                                             reduction="mean").cpu().tolist())) for logs in self.pending]
+        progress = {"train_s": self.train_seconds, "curves": {"train": self.train_curve, "fid": self.fid_curve},
+                    "unread": unread}
+        tmp = ckpt.begin_checkpoint(self.resume_dir) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
-        ckpt.write_rng(resume_dir.with_name(f".{resume_dir.name}.tmp"), rank, ckpt.rng_state(generators))
+        ckpt.write_rng(self.resume_dir.with_name(f".{self.resume_dir.name}.tmp"), self.rank,
+                       ckpt.rng_state(self.generators))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            modules = {"generator": unwrap(accelerator, G), "discriminator": unwrap(accelerator, D),
-                       **{k: unwrap(accelerator, m) for k, m in extras.items()}}
-            if ema is not None:
-                modules["generator_ema"] = ema
-            ckpt.finish_checkpoint(tmp, resume_dir, step=step, modules=modules,
-                                   optimizers=optimizer_states,
-                                   meta={"fingerprint": fingerprint(cfg), "config": cfg.to_dict(),
-                                         "num_processes": world, "mixed_precision": accelerator.mixed_precision,
-                                         "progress": progress})
+            ckpt.finish_checkpoint(tmp, self.resume_dir, step=step, modules=self._modules_to_save(),
+                                   optimizers=self.optimizer_states,
+                                   meta={"fingerprint": fingerprint(self.cfg), "config": self.cfg.to_dict(),
+                                         "num_processes": self.world,
+                                         "mixed_precision": accelerator.mixed_precision, "progress": progress})
         accelerator.wait_for_everyone()
 
-    def eval_generator() -> nn.Module:
-        return ema if ema is not None else unwrap(accelerator, G)
+    def eval_generator(self) -> nn.Module:
+        """The generator to sample from: the EMA when on, else G itself, unwrapped."""
+        return self.ema if self.ema is not None else unwrap(self.accelerator, self.G)
 
-    def map_latent_eval(z: torch.Tensor) -> torch.Tensor:
-        return strategy.map_latent(z, None)
+    def map_latent_eval(self, z: torch.Tensor) -> torch.Tensor:
+        return self.strategy.map_latent(z, None)
 
-    fid_curve: list[dict[str, Any]] = []
-    train_curve: list[dict[str, Any]] = []
-    train_seconds = 0.0
-
-    def run_eval(step: int) -> None:
-        if eval_fn is None:
+    def run_eval(self, step: int) -> None:
+        if self.eval_fn is None:
             return
-        broadcast_buffers(accelerator, [G, *([ema] if ema is not None else [])])
-        gen = eval_generator()
+        broadcast_buffers(self.accelerator, [self.G, *([self.ema] if self.ema is not None else [])])
+        gen = self.eval_generator()
         was_training = gen.training
         gen.eval()
         with torch.no_grad():
-            result = eval_fn(step, gen, map_latent_eval)
+            result = self.eval_fn(step, gen, self.map_latent_eval)
         gen.train(was_training)
         if result is not None:
-            fid_curve.append({"step": step, "wall_s": round(train_seconds, 3), **result})
+            self.fid_curve.append({"step": step, "wall_s": round(self.train_seconds, 3), **result})
 
-    clock = StepClock(device, warmup=cfg.warmup_steps)
-    step_flops = 0
-    reset_peak_memory(device)
-    pending: list[dict[str, torch.Tensor]] = []
-    g_ctx_wants_features = strategy.wants_g_features
-    r1_scale = cfg.r1_gamma / 2 * cfg.r1_interval
-
-    if resuming and "progress" in meta:
-        train_seconds = meta["progress"]["train_s"]
-        train_curve.extend(meta["progress"]["curves"]["train"])
-        fid_curve.extend(meta["progress"]["curves"]["fid"])
-        pending = [{k: torch.tensor(v, device=device) for k, v in logs.items()} for logs in meta["progress"]["unread"]]
-    if eval_fn is not None and cfg.eval_every and start_step == 0:
-        run_eval(0)
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"{cfg.strategy} {cfg.net}", unit="step",
-               disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
-    G.train()
-    D.train()
-    for step in range(start_step, cfg.steps):
-        step_t0 = time.perf_counter()
-        clock.start()
-        flop_counter = FlopCounterMode(display=False) if step == start_step else nullcontext()
-        flop_counter.__enter__()
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        """One training step (D phase, G phase, as the strategy plans); returns its losses, on the device."""
+        cfg, accelerator, strategy, G, D = self.cfg, self.accelerator, self.strategy, self.G, self.D
         plan = strategy.plan(step)
         logs: dict[str, torch.Tensor] = {}
-
         with ExitStack() as g_phase:
             g_out = None
             if plan.train_g:
                 # One G forward per step: the D phase scores these images detached and the G phase
                 # back-propagates through them (as the PyTorch DCGAN example does), saving a G forward.
-                g_phase.enter_context(frozen_for_phase(accelerator, [G], g_body_params, active=plan.g_body))
-                z = torch.randn(cfg.batch, cfg.latent_dim, device=device, generator=z_gen)
+                g_phase.enter_context(frozen_for_phase(accelerator, [G], self.g_body_params, active=plan.g_body))
+                z = torch.randn(cfg.batch, cfg.latent_dim, device=self.device, generator=self.z_gen)
                 with accelerator.autocast():
                     z_in = strategy.map_latent(z, step)
-                    g_out = G(z_in, return_features=True) if g_ctx_wants_features else (G(z_in), None)
+                    g_out = G(z_in, return_features=True) if strategy.wants_g_features else (G(z_in), None)
 
             if plan.train_d:
-                real = batcher.next(cfg.batch)
+                real = self.batcher.next(cfg.batch)
                 if g_out is not None:
                     fake = g_out[0].detach()
                 else:
-                    z = torch.randn(cfg.batch, cfg.latent_dim, device=device, generator=z_gen)
+                    z = torch.randn(cfg.batch, cfg.latent_dim, device=self.device, generator=self.z_gen)
                     with torch.no_grad(), accelerator.autocast():
                         fake = G(strategy.map_latent(z, step))
                 do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
@@ -306,21 +302,21 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
                 with accelerator.autocast():
                     real_logits = strategy.discriminate(D, real, step)
                     fake_logits = strategy.discriminate(D, fake, step)
-                    loss_d = loss.d_loss(real_logits, fake_logits)
+                    loss_d = self.loss.d_loss(real_logits, fake_logits)
                     logs["loss/D"] = loss_d.detach()
                     if do_r1:
                         penalty = r1_penalty(real_logits, real)
                         logs["loss/D/r1"] = penalty.detach()
-                        loss_d = loss_d + penalty * r1_scale
+                        loss_d = loss_d + penalty * self.r1_scale
                 accelerator.backward(loss_d)
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
+                self.opt_d.step()
+                self.opt_d.zero_grad(set_to_none=True)
 
             if plan.train_g:
                 fake, feats = g_out
-                with frozen_for_phase(accelerator, d_modules, d_params, active=False):
+                with frozen_for_phase(accelerator, self.d_modules, self.d_params, active=False):
                     with accelerator.autocast():
-                        loss_g = loss.g_loss(strategy.discriminate(D, fake, step))
+                        loss_g = self.loss.g_loss(strategy.discriminate(D, fake, step))
                         logs["loss/G"] = loss_g.detach()
                         extra = strategy.g_extra_losses(GStepContext(step=step, z=z_in, fake=fake,
                                                                      g_features=feats, G=G))
@@ -329,74 +325,109 @@ def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) 
                             loss_g = loss_g + value
                     accelerator.backward(loss_g)
         if plan.train_g:
-            opt_g.step()
-            opt_g.zero_grad(set_to_none=True)
-            if ema is not None:
+            self.opt_g.step()
+            self.opt_g.zero_grad(set_to_none=True)
+            if self.ema is not None:
                 with torch.no_grad():
                     src = unwrap(accelerator, G)
-                    torch._foreach_lerp_(list(ema.parameters()), list(src.parameters()), 1.0 - cfg.ema_decay)
-                    for b_ema, b in zip(ema.buffers(), src.buffers()):
+                    torch._foreach_lerp_(list(self.ema.parameters()), list(src.parameters()), 1.0 - cfg.ema_decay)
+                    for b_ema, b in zip(self.ema.buffers(), src.buffers()):
                         b_ema.copy_(b)
+        return logs
 
-        flop_counter.__exit__(None, None, None)
-        if step == start_step:  # a warm-up step: counting costs time, but it is not timed
-            step_flops = flop_counter.get_total_flops()
-        pending.append(logs)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            train_curve.append(_read_logs(accelerator, pending, done))
-            pending = []
-            bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in train_curve[-1].items()
-                             if k.startswith("loss/")}, refresh=False)
-        clock.stop()
-        train_seconds += time.perf_counter() - step_t0
-        bar.update(1)
-        if eval_fn is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
-            run_eval(done)
-        # after the evaluation, so a resumed run has its result and the random state that followed it
-        if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
-            save(done)
-    bar.close()
+    def run(self) -> TrainResult:
+        """Train from `start_step` to `cfg.steps`, measuring as it goes; writes outputs (main process)."""
+        cfg, accelerator, device = self.cfg, self.accelerator, self.device
+        clock = StepClock(device, warmup=cfg.warmup_steps)
+        step_flops = 0
+        # The FLOP counter's module hooks cannot run inside autograd.grad, so skip a lazy-R1 step.
+        flop_step = self.start_step + int(cfg.r1_gamma > 0 and self.start_step % cfg.r1_interval == 0)
+        reset_peak_memory(device)
+        if self.eval_fn is not None and cfg.eval_every and self.start_step == 0:
+            self.run_eval(0)
+        bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"{cfg.strategy} {cfg.net}", unit="step",
+                   disable=not (cfg.progress and accelerator.is_main_process), dynamic_ncols=True)
+        self.G.train()
+        self.D.train()
+        for step in range(self.start_step, cfg.steps):
+            step_t0 = time.perf_counter()
+            clock.start()
+            if step == flop_step:  # a warm-up step: counting FLOPs costs time, but it is not timed
+                with FlopCounterMode(display=False) as flop_counter:
+                    logs = self.step(step)
+                step_flops = flop_counter.get_total_flops()
+            else:
+                logs = self.step(step)
+            self.pending.append(logs)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                self.train_curve.append(_read_logs(accelerator, self.pending, done))
+                self.pending = []
+                bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in self.train_curve[-1].items()
+                                 if k.startswith("loss/")}, refresh=False)
+            clock.stop()
+            self.train_seconds += time.perf_counter() - step_t0
+            bar.update(1)
+            if self.eval_fn is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.steps):
+                self.run_eval(done)
+            # after the evaluation, so a resumed run has its result and the random state that followed it
+            if cfg.ckpt_every and done % cfg.ckpt_every == 0 and done != cfg.steps:
+                self.save(done)
+        bar.close()
+        metrics = self._metrics(clock, step_flops)
+        self.save(cfg.steps)
+        if accelerator.is_main_process:
+            _write_outputs(self.out, accelerator, self.G, self.D, self.extras, self.ema, self.eval_generator(),
+                           self.map_latent_eval, self.fixed_z)
+        metrics["timing/wall_s"] = time.perf_counter() - self.wall_start
+        metrics = broadcast_object(accelerator, metrics)  # step times and walls differ per process: the main's
+        if accelerator.is_main_process:
+            ckpt.atomic_write_text(self.out / "metrics.json", json.dumps(metrics, indent=1))
+        accelerator.wait_for_everyone()
+        return TrainResult(metrics=metrics, curves={"train": self.train_curve, "fid": self.fid_curve}, out=self.out,
+                           generator=self.eval_generator(), map_latent=self.map_latent_eval)
 
-    step_times = clock.step_times_s()
-    timed = sum(step_times)
-    img_per_s = None  # not measured: every step was a warm-up step
-    times_all = gather_floats(accelerator, timed)
-    if timed > 0 and max(times_all) > 0:
-        img_per_s = clock.timed_steps * cfg.batch * world / max(times_all)
-    peak, mem_kind = peak_memory_gb(device)
-    peaks = gather_floats(accelerator, peak)
-    metrics: dict[str, Any] = {
-        "timing/img_per_s": img_per_s,
-        "timing/step_time_p50_ms": percentile(step_times, 50) * 1e3 if step_times else None,
-        "timing/step_time_p90_ms": percentile(step_times, 90) * 1e3 if step_times else None,
-        "timing/timed_steps": clock.timed_steps,
-        "timing/timed_s": max(times_all),  # slowest process's summed timed step seconds: img_per_s's divisor
-        "timing/train_s": train_seconds,
-        "resources/peak_mem_gb": max(peaks),
-        "resources/peak_mem_gb_per_process": peaks,
-        "resources/mem_kind": mem_kind,
-        "resources/optimizer_state_bytes": optimizer_state_bytes([opt_g.optimizer, opt_d.optimizer]),
-        "perf/flops_per_step": step_flops,  # per process: matmul/conv FLOPs of one D+G step
-        "perf/achieved_tflops": (step_flops * clock.timed_steps / timed / 1e12) if timed > 0 else None,
-        "params/trainable": n_trainable,
-        "params/frozen": n_frozen,
-        "env/num_processes": world,
-        "env/mixed_precision": accelerator.mixed_precision,
-        "env/device": str(device),
-    }
-    if train_curve:
-        metrics.update({k: v for k, v in train_curve[-1].items() if k.startswith("loss/")})
-    save(cfg.steps)
-    if accelerator.is_main_process:
-        _write_outputs(out, accelerator, G, D, extras, ema, eval_generator(), map_latent_eval, fixed_z)
-    metrics["timing/wall_s"] = time.perf_counter() - wall_start
-    metrics = broadcast_object(accelerator, metrics)  # step times and walls differ per process: report the main's
-    if accelerator.is_main_process:
-        ckpt.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=1))
-    accelerator.wait_for_everyone()
-    return TrainResult(metrics=metrics, curves={"train": train_curve, "fid": fid_curve}, out=out,
-                       generator=eval_generator(), map_latent=map_latent_eval)
+    def _metrics(self, clock: StepClock, step_flops: int) -> dict[str, Any]:
+        cfg, accelerator, world = self.cfg, self.accelerator, self.world
+        step_times = clock.step_times_s()
+        timed = sum(step_times)
+        img_per_s = None  # not measured: every step was a warm-up step
+        times_all = gather_floats(accelerator, timed)
+        if timed > 0 and max(times_all) > 0:
+            img_per_s = clock.timed_steps * cfg.batch * world / max(times_all)
+        peak, mem_kind = peak_memory_gb(self.device)
+        peaks = gather_floats(accelerator, peak)
+        metrics: dict[str, Any] = {
+            "timing/img_per_s": img_per_s,
+            "timing/step_time_p50_ms": percentile(step_times, 50) * 1e3 if step_times else None,
+            "timing/step_time_p90_ms": percentile(step_times, 90) * 1e3 if step_times else None,
+            "timing/timed_steps": clock.timed_steps,
+            "timing/timed_s": max(times_all),  # slowest process's summed timed step seconds: img_per_s's divisor
+            "timing/train_s": self.train_seconds,
+            "resources/peak_mem_gb": max(peaks),
+            "resources/peak_mem_gb_per_process": peaks,
+            "resources/mem_kind": mem_kind,
+            "resources/optimizer_state_bytes": optimizer_state_bytes([self.opt_g.optimizer, self.opt_d.optimizer]),
+            "perf/flops_per_step": step_flops,  # per process: matmul/conv FLOPs of one D+G step
+            "perf/achieved_tflops": (step_flops * clock.timed_steps / timed / 1e12) if timed > 0 else None,
+            "params/trainable": self.n_trainable,
+            "params/frozen": self.n_frozen,
+            "env/num_processes": world,
+            "env/mixed_precision": accelerator.mixed_precision,
+            "env/device": str(self.device),
+        }
+        if self.train_curve:
+            metrics.update({k: v for k, v in self.train_curve[-1].items() if k.startswith("loss/")})
+        return metrics
+
+
+def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) -> TrainResult:
+    """Train G and D per `cfg` on this process group; every process must call it.
+
+    Writes to `cfg.out` (main process): final weights as safetensors, `samples.png`, `metrics.json`,
+    and `checkpoint/` every `ckpt_every` steps and at the end. Returns the same metrics everywhere.
+    """
+    return Trainer(cfg, accelerator, eval_fn=eval_fn).run()
 
 
 def _read_logs(accelerator, pending: list[dict[str, torch.Tensor]], step: int) -> dict[str, Any]:
