@@ -78,3 +78,18 @@ def measure(benchmark, fn: Callable[[], None], *, images_per_call: int = 0, roun
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_accelerator():
+    """Make an Accelerator of a given precision (Accelerate keeps one state per process: reset it)."""
+    from accelerate.state import AcceleratorState
+
+    from ganlib.distributed import make_accelerator
+
+    def make(precision: str):
+        AcceleratorState._reset_state(True)
+        return make_accelerator(precision)
+
+    yield make
+    AcceleratorState._reset_state(True)
