@@ -144,7 +144,7 @@ def _load_cached(path: Path) -> torch.Tensor | None:
     try:
         return load_file(str(path))["features"]
     except Exception as err:  # a damaged cache file must not stop an evaluation
-        warnings.warn(f"ignoring unreadable metrics cache {path}: {err}")
+        warnings.warn(f"ignoring unreadable metrics cache {path}: {err}", stacklevel=2)
         return None
 
 

@@ -44,9 +44,9 @@ def evaluate(net: lenet.LeNet, images: torch.Tensor, labels: torch.Tensor) -> fl
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=6, help="passes over the 90%% training split")
+    parser.add_argument("--epochs", type=int, default=8, help="passes over the 90%% training split")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seeds the split, init and batch order")
     parser.add_argument("--out", type=Path, default=lenet.WEIGHTS_PATH, help="safetensors file to write")
     args = parser.parse_args(argv)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -125,7 +126,8 @@ def test_fid_of_a_set_against_itself_is_zero(mnist, cache_dir):
     cfg = MetricConfig(num_samples=300, cache_dir=cache_dir)
     out = compute_metrics(mnist[:300], mnist[:300], "mnist5k-first300", cfg)
     assert abs(out["quality/fid"]) < 1e-3
-    assert abs(out["quality/kid_mean"]) < 3 * out["quality/kid_std"]   # subsets differ, so only ~0
+    # Identical sets: the unbiased MMD estimate is (2/m)(mean off-diagonal K - mean diagonal K) <= 0.
+    assert -0.1 < out["quality/kid_mean"] <= 0
     assert out["quality/precision"] == 1.0 and out["quality/recall"] == 1.0
 
 
@@ -134,9 +136,10 @@ def test_fid_grows_with_noise(mnist, cache_dir):
     real = mnist[1000:3000]
     fids = [compute_metrics(noisy(mnist[:300], s), real, "mnist5k-1000:3000", cfg)["quality/fid"]
             for s in (0, 20, 50, 100)]
-    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+    assert all(a < b for a, b in zip(fids, fids[1:], strict=False)), fids
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # torch-fidelity's default workers
 def test_matches_torch_fidelity_called_directly(mnist, tmp_path):
     fake, real = noisy(mnist[:400], 30), mnist[1000:2000]
     direct = torch_fidelity.calculate_metrics(
@@ -263,6 +266,7 @@ def random_inception_weights(tmp_path, monkeypatch) -> Path:
     return path
 
 
+@pytest.mark.slow  # 299-px forward passes and torch-fidelity's 2048x2048 eigvals: 7-12 s on 2 cores
 def test_inception_runs_offline_from_a_weights_file(mnist, offline_torch_home, random_inception_weights,
                                                     tmp_path, monkeypatch):
     cfg = MetricConfig(extractor="inception-v3-compat", num_samples=10, cache_dir=str(tmp_path),
@@ -294,12 +298,10 @@ class TinyG(nn.Module):
 
 @pytest.fixture
 def accelerator():
-    """A one-process Accelerator on whatever device this machine has; its global state reset after."""
+    """A one-process Accelerator on whatever device this machine has (conftest resets its state)."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    yield Accelerator()
-    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator()
 
 
 def test_evaluate_generator_single_process(mnist, cache_dir, accelerator):
@@ -331,6 +333,7 @@ def _free_port() -> int:
 def test_two_process_gloo_gathers_exactly_n_and_agrees(tmp_path):
     script = tmp_path / "eval2.py"
     script.write_text(textwrap.dedent(f"""
+        import json, os
         import torch, torch.nn as nn
         from accelerate import Accelerator
         from ganlib.data import load_images
@@ -351,24 +354,27 @@ def test_two_process_gloo_gathers_exactly_n_and_agrees(tmp_path):
         real = load_images("mnist5k", 28, 1).images[:2000]
         cfg = MetricConfig(num_samples=301, precision_recall=True, cache_dir={str(tmp_path)!r})
         out = evaluate_generator(accelerator, model, real, "mnist5k-first2000", cfg, seed=7, batch_size=64)
-        print(f"RANK {{accelerator.process_index}} N {{out['quality/num_samples']}} FID {{out['quality/fid']!r}}",
-              flush=True)
+        with open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.json"), "w") as f:
+            json.dump(out, f)                      # one file per rank: stdout lines would interleave
         shutdown(accelerator)
     """))
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         accelerate = shutil.which("accelerate")
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    # CPU processes on gloo; GPUs hidden, else accelerate's barrier asks for cuda:<rank> on a 1-GPU box.
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=pythonpath,
+               OMP_NUM_THREADS="1")
     start = time.perf_counter()
     proc = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
          str(script)],
         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK"))
-    assert len(lines) == 2, proc.stdout
-    assert [line.split()[1] for line in lines] == ["0", "1"]
-    assert {line.split()[3] for line in lines} == {"301"}                 # no padded duplicates
-    assert lines[0].split()[5] == lines[1].split()[5]                    # the same FID everywhere
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line]
+    assert proc.returncode == 0, "\n".join(errors[:20]) + proc.stderr[-2000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["quality/num_samples"] for r in results] == [301, 301]     # no padded duplicates
+    assert results[0] == results[1]                                       # the same dict everywhere
+    assert math.isfinite(results[0]["quality/fid"])
     assert time.perf_counter() - start < 300
