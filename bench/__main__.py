@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
 
 
@@ -46,18 +47,19 @@ def _cmd_list(args) -> int:
 def _cmd_show(args) -> int:
     from bench.show import show
 
-    print(show(args.run_dir, per_cell=args.cells))
+    print(show(_run_dir(args.run_dir), per_cell=args.cells))
     return 0
 
 
 def _cmd_report(args) -> int:
     from bench.report import write_report
 
-    print(write_report(args.run_dir))
+    print(write_report(_run_dir(args.run_dir)))
     return 0
 
 
 def _run_dir(text: str) -> Path:
+    """`text` as a run directory (checked here, not as an argparse type, which would swallow the message)."""
     path = Path(text)
     if not (path / "results.jsonl").is_file():
         raise UserError(f"{text} is not a bench run directory (no results.jsonl)")
@@ -65,7 +67,7 @@ def _run_dir(text: str) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bench", description="ganbench: compare GAN transfer strategies.")
+    parser = ArgumentParser(prog="bench", description="ganbench: compare GAN transfer strategies.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a matrix (a preset name or a YAML file; default: the default preset)")
@@ -87,12 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=_cmd_list)
 
     show = sub.add_parser("show", help="print a run's results table and verdicts")
-    show.add_argument("run_dir", type=_run_dir)
+    show.add_argument("run_dir")
     show.add_argument("--cells", action="store_true", help="one row per cell and seed")
     show.set_defaults(func=_cmd_show)
 
     report = sub.add_parser("report", help="write DIR/report.html")
-    report.add_argument("run_dir", type=_run_dir)
+    report.add_argument("run_dir")
     report.set_defaults(func=_cmd_report)
 
     compare = sub.add_parser("compare", help="compare two runs (exit 1 on regression)", add_help=False)

@@ -20,15 +20,18 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
-from bench.env import environment
+from bench.env import environment, host_environment
 from bench.matrix import Cell, Matrix, native_channels
 from ganlib.data import load_images, to_float
 from ganlib.errors import UserError
+from ganlib.flops import matmul_peak_flops, precision_dtype
 from ganlib.metrics import MetricConfig, evaluate_generator
 from ganlib.pretrain import pretrain_source, source_meta
 from ganlib.train import TrainingDiverged, train
 
-FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option", injects a failure at run time
+FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom[;...]", injects a failure at run time
+FAULTS = ("nan", "option", "oom")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError
+LOG_FILE = "cell.log"          # per-cell log: what ran, how it ended, the traceback of a failure
 EVAL_SEED = 4242               # latents of every evaluation (the same for every cell, so curves compare)
 
 
@@ -55,18 +58,26 @@ def cell_config(matrix: Matrix, cell: Cell) -> dict[str, Any]:
 
 
 def skipped_record(matrix: Matrix, cell: Cell, run_id: str, reason: str) -> dict[str, Any]:
+    """A cell that never ran (its setup needs hardware this machine lacks); env: this machine's."""
     return {**identity(matrix, cell, run_id), "status": "skipped", "reason": reason,
-            "config": cell_config(matrix, cell), "metrics": {}, "curves": {}, "artifacts": {}, "env": {}}
+            "config": cell_config(matrix, cell), "metrics": {}, "curves": {}, "artifacts": {},
+            "env": host_environment()}
 
 
 def failed_record(matrix: Matrix, cell: Cell, run_id: str, reason: str) -> dict[str, Any]:
+    """A cell that could not finish outside run_cell (its launch died); env: this machine's."""
     return {**skipped_record(matrix, cell, run_id, reason), "status": "failed"}
 
 
 def _fault(cell: Cell) -> str | None:
-    spec = os.environ.get(FAULT_ENV, "")
-    pattern, _, kind = spec.partition("=")
-    return kind if spec and fnmatch.fnmatchcase(cell.id, pattern) else None
+    """The failure GANBENCH_FAULT injects into `cell` (first matching `glob=kind`), or None."""
+    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
+        pattern, _, kind = spec.partition("=")
+        if kind not in FAULTS:
+            raise ValueError(f"{FAULT_ENV}={spec!r}: the kind must be one of {', '.join(FAULTS)}")
+        if fnmatch.fnmatchcase(cell.id, pattern):
+            return kind
+    return None
 
 
 def _reason(err: BaseException) -> str:
@@ -86,20 +97,44 @@ def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str
     record = {**identity(matrix, cell, run_id), "status": "ok", "reason": None,
               "config": cell_config(matrix, cell), "env": environment(accelerator)}
     cell_dir = run_dir / "cells" / cell.id
+    error = ""
     try:
         metrics, curves, artifacts = _run(accelerator, matrix, cell, run_dir, cell_dir, cache_dir)
         record.update(metrics=metrics, curves=curves, artifacts=artifacts)
     except Exception as err:  # one cell failing must not stop the matrix
         if isinstance(err, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
-        record.update(status="failed", reason=_reason(err), metrics={}, curves={}, artifacts={})
+        error = traceback.format_exc()
+        record.update(status="failed", reason=_reason(err), metrics={}, curves={},
+                      artifacts={"dir": f"cells/{cell.id}"})
     record.setdefault("metrics", {})["timing/wall_s"] = time.perf_counter() - started
+    record["artifacts"]["log"] = f"cells/{cell.id}/{LOG_FILE}"
+    if accelerator.is_main_process:
+        _write_log(cell_dir / LOG_FILE, record, error)
     return record
+
+
+def _write_log(path: Path, record: dict[str, Any], error: str) -> None:
+    """The cell's log for a person: status, losses and FID over time, final metrics, the traceback."""
+    lines = [f"cell {record['cell_id']} (run {record['run_id']}): {record['status']}"
+             + (f": {record['reason']}" if record["reason"] else "")]
+    for row in record["curves"].get("train", []):
+        lines.append("train " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in row.items()))
+    for row in record["curves"].get("fid", []):
+        lines.append(f"fid   step {row['step']}  wall_s {row['wall_s']}  fid {row.get('fid')}")
+    lines += [f"{key} = {value}" for key, value in sorted(record["metrics"].items())]
+    if error:
+        lines += ["", error.rstrip()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
          cache_dir: Path | None) -> tuple[dict, dict, dict]:
     fault = _fault(cell)
+    if fault == "oom":
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV})")
     overrides: dict[str, Any] = {"out": str(cell_dir), "progress": False}
     if fault == "nan":
         overrides["lr_d"] = overrides["lr_g"] = math.inf  # Adam with an infinite step: NaN losses
@@ -117,14 +152,16 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
     m = matrix.metrics
     num_samples = min(m.num_samples, real.shape[0])
     final_cfg = MetricConfig(extractor=m.extractor, num_samples=num_samples,
-                             precision_recall=m.precision_recall, inception_weights=m.inception_weights)
+                             precision_recall=m.precision_recall, inception_weights=m.inception_weights,
+                             cache_dir=str(cache_dir) if cache_dir else None)
     curve_cfg = dataclasses.replace(final_cfg, num_samples=min(m.curve_samples, num_samples), precision_recall=False)
 
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {"timing/source_pretrain_s": None, "timing/source_cache_hit": None}  # scratch
     source_dir = ""
     if cfg.strategy != "scratch":
         src_cfg = matrix.source_config(cell, progress=False)
-        entry, hit = pretrain_source(src_cfg, cache_dir, accelerator)
+        # cache_dir is the cache root (as $GANBENCH_CACHE): sources live in its sources/ (ganlib.pretrain)
+        entry, hit = pretrain_source(src_cfg, Path(cache_dir) / "sources" if cache_dir else None, accelerator)
         metrics["timing/source_pretrain_s"] = source_meta(entry).get("pretrain_s")
         metrics["timing/source_cache_hit"] = hit
         source_dir = str(entry)
@@ -154,6 +191,7 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         "timing/transfer_s": transfer_s,
         "timing/eval_s": eval_seconds[0],
         "timing/device_seconds": transfer_s * accelerator.num_processes,
+        **_utilisation(accelerator, tm),
         **_time_to_target(result.curves.get("fid", []), m.target_fid),
     })
     if accelerator.is_main_process:
@@ -164,6 +202,19 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
     artifacts = {"dir": f"cells/{cell.id}", "samples": f"cells/{cell.id}/samples.png",
                  "real": f"cells/{cell.id}/real.png"}
     return metrics, result.curves, artifacts
+
+
+_PEAKS: dict[str, float] = {}  # matmul peak FLOP/s per precision, measured once per launch
+
+
+def _utilisation(accelerator, train_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The step's achieved FLOP/s as a fraction of this device's matmul peak in the same dtype."""
+    precision = accelerator.mixed_precision
+    if precision not in _PEAKS:
+        _PEAKS[precision] = matmul_peak_flops(accelerator.device, precision_dtype(precision))
+    achieved = train_metrics.get("perf/achieved_tflops")
+    peak = _PEAKS[precision] / 1e12
+    return {"perf/peak_tflops": peak, "perf/peak_fraction": achieved / peak if achieved else None}
 
 
 def _time_to_target(curve: list[dict[str, Any]], target: float | None) -> dict[str, Any]:

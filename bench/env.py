@@ -33,26 +33,54 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
 
+def _cpu_name() -> str:
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def environment(accelerator) -> dict:
     """Versions and devices of this process group (call on any process; cheap)."""
     device = accelerator.device
     if device.type == "cuda":
         names = [torch.cuda.get_device_name(device)] * accelerator.num_processes
     else:
-        names = [f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"]
-        names = names * accelerator.num_processes
+        names = [_cpu_name()] * accelerator.num_processes
     return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": _version("torchvision"),
-        "accelerate": _version("accelerate"),
-        "torch_fidelity": _version("torch-fidelity"),
+        **_versions(),
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "devices": names,
         "device_count": accelerator.num_processes,
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type).split(".")[-1],
         "mixed_precision": accelerator.mixed_precision,
+    }
+
+
+def host_environment() -> dict:
+    """Versions and the devices this machine has, for records of cells that never ran here (skipped).
+
+    No process group exists, so there is no precision or process count: those are None. GPUs are
+    counted, not named: naming them would create a CUDA context in `bench run`, holding GPU memory
+    for the whole matrix.
+    """
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return {
+        **_versions(),
+        "cuda": torch.version.cuda if gpus else None,
+        "devices": [f"cuda:{i}" for i in range(gpus)] or [_cpu_name()],
+        "device_count": gpus or 1,
+        "num_processes": None,
+        "distributed_type": None,
+        "mixed_precision": None,
+    }
+
+
+def _versions() -> dict:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _version("torchvision"),
+        "accelerate": _version("accelerate"),
+        "torch_fidelity": _version("torch-fidelity"),
         "git_commit": git_commit(),
         "hostname": socket.gethostname(),
     }

@@ -20,6 +20,7 @@ from ganlib.config import TrainConfig
 from ganlib.data import DATASETS, FOLDER, DataSpec
 from ganlib.errors import UserError
 from ganlib.extractors import EXTRACTORS
+from ganlib.metrics import MIN_SAMPLES
 from ganlib.nets import NETWORKS, NetConfig, build_networks
 from ganlib.strategies import STRATEGIES, build_strategy
 
@@ -245,6 +246,13 @@ def _require(data: dict, key: str, where: str) -> Any:
     return data[key]
 
 
+def _mapping(data: dict, key: str, where: str) -> dict:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: {key} must be a mapping of field: value, got {value!r}")
+    return dict(value)
+
+
 def _int(value: Any, what: str, minimum: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"{what}={value!r} must be an integer >= {minimum}")
@@ -253,6 +261,15 @@ def _int(value: Any, what: str, minimum: int = 0) -> int:
 
 def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     """Validate a matrix mapping (UserError naming the field and `where`) and build a Matrix."""
+    try:
+        return _parse_matrix(data, where)
+    except UserError as err:  # registries and configs do not know the file: name it
+        if str(err).startswith(where):
+            raise
+        raise UserError(f"{where}: {err}") from None
+
+
+def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise UserError(f"{where}: unknown field {unknown[0]!r}; fields: {', '.join(sorted(_TOP_KEYS))}")
@@ -292,11 +309,11 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
 
     setups = [load_setup(str(s), where) for s in _listify(data.get("setups", ["cpu-1proc"]))]
     seeds = [_int(s, "seed") for s in _listify(data.get("seeds", [0]))]
-    train = dict(data.get("train") or {})
+    train = _mapping(data, "train", where)
     owned = sorted(set(train) & CELL_OWNED)
     if owned:
         raise UserError(f"{where}: train.{owned[0]} is set per cell by the matrix; remove it from train:")
-    metrics_raw = dict(data.get("metrics") or {})
+    metrics_raw = _mapping(data, "metrics", where)
     known_metric = {f.name for f in dataclasses.fields(MetricSpec)}
     bad = sorted(set(metrics_raw) - known_metric)
     if bad:
@@ -304,7 +321,13 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     metrics = MetricSpec(**metrics_raw)
     EXTRACTORS.get(metrics.extractor)
     for key in ("num_samples", "curve_samples"):
-        _int(getattr(metrics, key), f"metrics {key}", 2)
+        _int(getattr(metrics, key), f"metrics {key}", MIN_SAMPLES)
+    _int(metrics.eval_every, "metrics eval_every", 0)
+    target = metrics.target_fid
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
+        raise UserError(f"metrics target_fid={target!r} must be a number (an FID) or null for none")
+    if not isinstance(metrics.precision_recall, bool):
+        raise UserError(f"metrics precision_recall={metrics.precision_recall!r} must be true or false")
 
     matrix = Matrix(name=name, networks=networks, pairs=pairs, strategies=strategies, setups=setups, seeds=seeds,
                     source_steps=_int(_require(data, "source_steps", where), "source_steps", 1),
@@ -316,15 +339,17 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
 
 def _check_cells(matrix: Matrix, where: str) -> None:
     """Cross-field checks: TrainConfig fields, network/strategy fit, duplicate ids, data available."""
-    try:
-        TrainConfig(**matrix.train).validate()
-    except TypeError as err:
-        raise UserError(f"{where}: train: {err}") from None
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(matrix.train) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown train field {unknown[0]!r}; fields: {', '.join(sorted(known - CELL_OWNED))}")
     seen: dict[str, Cell] = {}
     for cell in matrix.cells():
         if cell.id in seen:
             raise UserError(f"{where}: duplicate cell id {cell.id!r}; give repeated strategies distinct 'id's")
         seen[cell.id] = cell
+        matrix.train_config(cell)   # every value a cell's training gets is checked here, not mid-run
+        matrix.source_config(cell)
     checked = set()
     for net in matrix.networks:
         for pair in matrix.pairs:

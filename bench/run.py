@@ -5,10 +5,14 @@ A launch that dies is relaunched once and continues after the last finished cell
 after a second death are recorded as failed. A setup that needs hardware this machine lacks is
 recorded as skipped with the reason. Under a user's own `accelerate launch` (several processes,
 e.g. a SLURM or multi-node job) the cells run in the current process group instead.
+One `bench run` works on a run directory at a time (a lock file), and its workers exit when it
+dies, so `bench run --resume DIR` after a killed run never races a leftover worker.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
@@ -17,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import yaml
@@ -28,7 +33,8 @@ from bench.results import append_record, load_records, results_path
 from ganlib.checkpoint import atomic_write_text
 from ganlib.errors import UserError
 
-RELAUNCHES = 1  # a dead launch is started again this many times
+RELAUNCHES = 1           # a dead launch is started again this many times
+LOCK_FILE = ".bench.lock"  # held by the `bench run` working on a run directory
 
 
 def external_launch() -> bool:
@@ -82,6 +88,7 @@ def launch(setup: SetupSpec, run_dir: Path, base_config: Path | None, wandb_args
            "--main_process_port", str(free_port()), "-m", "bench.worker", "--run-dir", str(run_dir),
            "--setup", setup.name, *wandb_args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[worker.PARENT_ENV] = str(os.getpid())  # the workers exit when this process dies (see worker.py)
     if setup.use_cpu:
         env["ACCELERATE_USE_CPU"] = "1"  # plain --cpu with several processes silently runs one
         if setup.num_processes > 1:
@@ -146,6 +153,8 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
                base_config: Path | None = None, cache_dir: Path | None = None,
                retry_failed: bool = False) -> int:
     """Run (or resume) a matrix; returns the exit code: 0 every cell ok or skipped, 1 any failed."""
+    if retry_failed and resume is None:
+        raise UserError("--retry-failed reruns the failed cells of an earlier run: give it with --resume DIR")
     if cache_dir is not None:
         os.environ["GANBENCH_CACHE"] = str(cache_dir)  # the launched workers inherit it
     if resume is not None:
@@ -168,8 +177,37 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
                                      wandb_project, wandb_entity, cache_dir)
     if resume is None:
         write_plan(run_dir, matrix, run_id, cells)
-    elif retry_failed:
-        _forget_failed(run_dir)
+    with _only_runner(run_dir):
+        if retry_failed:
+            _forget_failed(run_dir)
+        return _run_setups(matrix, run_dir, run_id, cells, base_config, cache_dir, wandb_mode, wandb_project,
+                           wandb_entity)
+
+
+@contextlib.contextmanager
+def _only_runner(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run directory: two `bench run`s on one directory would run cells twice."""
+    with open(run_dir / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another `bench run` is using {run_dir}; wait for it to end or stop it first") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _latest(run_dir: Path) -> dict[str, dict]:
+    """The latest record of each cell so far (empty before the first record)."""
+    if not results_path(run_dir).exists():
+        return {}
+    return {r["cell_id"]: r for r in load_records(run_dir)}
+
+
+def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], base_config: Path | None,
+                cache_dir: Path | None, wandb_mode: str, wandb_project: str, wandb_entity: str | None) -> int:
+    """One launch per setup (relaunched once after a death), skipped setups recorded; the exit code."""
     print(f"[bench] run {run_id}: {len(cells)} cell(s) -> {run_dir}", flush=True)
     wandb_args = ["--wandb", wandb_mode, "--wandb-project", wandb_project]
     if wandb_entity:
@@ -182,8 +220,11 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
         reason = unavailable(setup)
         if reason:
             print(f"[bench] setup {setup.name} skipped: {reason}", flush=True)
+            latest = _latest(run_dir)
             for cell in todo:
-                append_record(run_dir, skipped_record(matrix, cell, run_id, reason))
+                before = latest.get(cell.id, {})
+                if (before.get("status"), before.get("reason")) != ("skipped", reason):  # a resume: said already
+                    append_record(run_dir, skipped_record(matrix, cell, run_id, reason))
             continue
         code = 0
         for attempt in range(1 + RELAUNCHES):
@@ -197,7 +238,8 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
         left = [c for c in todo if c.id not in worker.finished_ids(run_dir)]
         for cell in left:
             append_record(run_dir, failed_record(matrix, cell, run_id,
-                                                 f"launch died {1 + RELAUNCHES} times (last exit code {code})"))
+                                                 f"launch died {1 + RELAUNCHES} times (last exit code {code}); "
+                                                 f"see launch/{setup.name}.log"))
     print(f"[bench] matrix finished in {time.perf_counter() - started:.0f} s", flush=True)
     return finish(run_dir, run_id, cells, wandb_mode, wandb_project, wandb_entity)
 

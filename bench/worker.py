@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
+import threading
 import time
 from pathlib import Path
 
@@ -24,6 +26,34 @@ from ganlib.errors import exit_on_user_error
 PLAN_FILE = "plan.json"
 MATRIX_FILE = "matrix.yaml"
 FINISHED = ("ok", "failed")
+PARENT_ENV = "GANBENCH_PARENT_PID"  # pid of the `bench run` that launched this worker
+
+
+def exit_with_parent(pid: int, poll_s: float = 0.5) -> None:
+    """Exit this process as soon as process `pid` (the `bench run` that launched it) is gone.
+
+    torchrun starts each worker in its own session, so killing `bench run`'s process group (or
+    the job's) would leave workers running on, racing a later `bench run --resume` for the same
+    cells. A daemon thread waits on a pidfd (or polls where pidfds are missing) and hard-exits.
+    """
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            os._exit(1)
+        except (AttributeError, OSError):  # no pidfd on this system: poll
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    os._exit(1)
+                except PermissionError:
+                    pass
+                time.sleep(poll_s)
+        select.select([fd], [], [])  # readable once the process has exited
+        os._exit(1)
+
+    threading.Thread(target=watch, name="bench-parent-watch", daemon=True).start()
 
 
 def load_plan(run_dir: Path) -> tuple[Matrix, dict]:
@@ -98,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-entity", default=None)
     parser.add_argument("--cache-dir", default=None, type=Path)
     args = parser.parse_args(argv)
+    if os.environ.get(PARENT_ENV):
+        exit_with_parent(int(os.environ[PARENT_ENV]))
     accelerator = make_accelerator()
     run_setup(accelerator, args.run_dir, args.setup, args.wandb, args.wandb_project, args.wandb_entity,
               args.cache_dir)

@@ -1,0 +1,406 @@
+"""bench/run.py, bench/worker.py, bench/cell.py: `bench run` end to end on the CPU.
+
+A tiny matrix runs through the real `bench` command with a 1-process and a 2-process setup and a
+GPU setup this machine lacks; failures are injected at run time (GANBENCH_FAULT) and workers are
+killed for real. The records must carry every field of the schema, failures must stay in their
+cell, and a killed launch or a killed `bench run` must finish without running a cell twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import bench.run as run_module
+from bench.__main__ import main as bench_main
+from bench.cell import FAULT_ENV, LOG_FILE, run_cell
+from bench.matrix import load_matrix, parse_matrix
+from bench.results import load_records
+from ganlib.distributed import make_accelerator
+
+BENCH = Path(sys.executable).with_name("bench")
+PAIR = "mnist5k-c0-4_2_mnist5k-c5-9-n25"
+TRANSFER_STEPS = 20
+
+
+def tiny_matrix(**changes) -> dict:
+    """Width 8, batch 16, 20 source and 20 transfer steps, 100 FID samples: seconds per cell."""
+    data = {
+        "name": "tiny",
+        "network": {"name": "dcgan", "size": 28, "width": 8},
+        "pairs": [{"source": "mnist5k:classes=0-4", "target": "mnist5k:classes=5-9:n=25"}],
+        "strategies": ["scratch", "finetune", {"name": "freeze_d", "options": {"layers": 1}}],
+        "setups": ["cpu-1proc", "cpu-2proc", "1xgpu-bf16"],
+        "seeds": [0],
+        "source_steps": 20,
+        "transfer_steps": TRANSFER_STEPS,
+        "train": {"batch": 16, "log_every": 5, "warmup_steps": 2},
+        "metrics": {"num_samples": 100, "curve_samples": 50, "eval_every": 10, "target_fid": 300.0},
+    }
+    data.update(changes)
+    return data
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """One cache for the module: sources and real-image statistics are computed once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def bench_env(cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in (FAULT_ENV, "WORLD_SIZE")}
+    return {**env, "GANBENCH_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **extra}
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def bench(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BENCH), *args, "--wandb", "disabled"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def records_of(run_dir: Path) -> list[dict]:
+    return load_records(run_dir) if (run_dir / "results.jsonl").exists() else []
+
+
+def wait_for(predicate, proc: subprocess.Popen, what: str, timeout: float = 180.0) -> None:
+    """Poll `predicate()` every 0.1 s until true; fail if `proc` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            pytest.fail(f"bench ended (code {proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def gone(pid: int) -> bool:
+    """True when `pid` has exited (a zombie nobody has reaped yet counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+# --- the main run: 1-process and 2-process setups, injected failures, a GPU setup skipped -------
+
+FAULTS = f"scratch-{PAIR}-cpu-1proc-s0=option;scratch-{PAIR}-cpu-2proc-s0=nan"
+
+
+@pytest.fixture(scope="module")
+def main_run(tmp_path_factory, cache):
+    """`bench run` of the tiny matrix: scratch fails in both CPU setups (a bad option, then NaN)."""
+    root = tmp_path_factory.mktemp("main")
+    matrix_file = write(root / "tiny.yaml", tiny_matrix())
+    run_dir = root / "run"
+    proc = bench(["run", str(matrix_file), "--out", str(run_dir)], root, bench_env(cache, **{FAULT_ENV: FAULTS}))
+    return proc, run_dir, load_matrix(str(matrix_file))
+
+
+def by_id(run_dir: Path) -> dict[str, dict]:
+    return {r["cell_id"]: r for r in records_of(run_dir)}
+
+
+def _id(strategy: str, setup: str) -> str:
+    return f"{strategy}-{PAIR}-{setup}-s0"
+
+
+REQUIRED_METRICS = (
+    "timing/source_pretrain_s", "timing/transfer_s", "timing/wall_s", "timing/device_seconds",
+    "timing/time_to_target_s", "timing/steps_to_target", "timing/img_per_s", "timing/step_time_p50_ms",
+    "timing/step_time_p90_ms", "resources/peak_mem_gb", "resources/peak_mem_gb_per_process",
+    "resources/mem_kind", "resources/optimizer_state_bytes", "params/trainable", "params/frozen",
+    "quality/fid", "quality/kid_mean", "quality/kid_std", "quality/precision", "quality/recall",
+    "quality/extractor", "quality/num_samples",
+)
+REQUIRED_ENV = ("python", "torch", "accelerate", "cuda", "devices", "device_count", "num_processes",
+                "mixed_precision", "git_commit", "hostname")
+
+
+@pytest.mark.slow
+def test_run_exit_code_says_cells_failed(main_run):
+    proc, run_dir, matrix = main_run
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "[bench] 4 ok, 2 failed, 3 skipped" in proc.stdout
+
+
+@pytest.mark.slow
+def test_one_record_per_planned_cell(main_run):
+    _, run_dir, matrix = main_run
+    counts = Counter(r["cell_id"] for r in records_of(run_dir))
+    assert sorted(counts) == sorted(c.id for c in matrix.cells())
+    assert set(counts.values()) == {1}
+    for line in (run_dir / "results.jsonl").read_text().splitlines():
+        json.loads(line)  # every line whole (written atomically)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["finetune", "freeze_d"])
+@pytest.mark.parametrize("setup, procs", [("cpu-1proc", 1), ("cpu-2proc", 2)])
+def test_ok_record_carries_every_field(main_run, strategy, setup, procs):
+    _, run_dir, matrix = main_run
+    r = by_id(run_dir)[_id(strategy, setup)]
+    assert r["status"] == "ok" and r["reason"] is None, r["reason"]
+    assert (r["strategy"], r["setup"], r["seed"], r["pair"], r["matrix"]) == (strategy, setup, 0, PAIR, "tiny")
+    assert r["source"] == "mnist5k:classes=0-4" and r["target"] == "mnist5k:classes=5-9:n=25"
+    m = r["metrics"]
+    missing = [k for k in REQUIRED_METRICS if k not in m]
+    assert not missing
+    # the full config: transfer and source training, strategy, metrics, hardware
+    cfg = r["config"]
+    assert cfg["transfer"]["steps"] == TRANSFER_STEPS and cfg["transfer"]["width"] == 8
+    assert cfg["source_pretrain"]["steps"] == 20 and cfg["source_pretrain"]["data"] == "mnist5k:classes=0-4"
+    assert cfg["strategy"]["name"] == strategy and cfg["setup"]["num_processes"] == procs
+    assert cfg["metrics"]["num_samples"] == 100
+    # measurements
+    assert m["timing/source_pretrain_s"] > 0 and m["timing/transfer_s"] > 0
+    assert m["timing/wall_s"] > m["timing/transfer_s"]
+    assert m["timing/device_seconds"] == pytest.approx(m["timing/transfer_s"] * procs)
+    assert m["timing/img_per_s"] > 0 and m["timing/step_time_p90_ms"] >= m["timing/step_time_p50_ms"] > 0
+    assert len(m["resources/peak_mem_gb_per_process"]) == procs
+    assert m["resources/peak_mem_gb"] == max(m["resources/peak_mem_gb_per_process"]) > 0
+    assert m["resources/mem_kind"] == "cpu_peak_rss" and m["resources/optimizer_state_bytes"] > 0
+    assert m["params/trainable"] > 0
+    assert m["quality/fid"] > 0 and m["quality/kid_std"] >= 0 and 0 <= m["quality/precision"] <= 1
+    assert 0 <= m["quality/recall"] <= 1
+    assert (m["quality/extractor"], m["quality/num_samples"]) == ("lenet-mnist5k", 100)
+    # the FID curve every 10 steps, and the first point at or under the target
+    curve = r["curves"]["fid"]
+    assert [p["step"] for p in curve] == [0, 10, 20] and all(p["fid"] > 0 for p in curve)
+    reached = [p for p in curve if p["fid"] <= 300.0]
+    if reached:
+        assert (m["timing/steps_to_target"], m["timing/time_to_target_s"]) == (reached[0]["step"], reached[0]["wall_s"])
+    else:
+        assert m["timing/steps_to_target"] is None and m["timing/time_to_target_s"] is None
+    assert r["curves"]["train"][-1]["step"] == TRANSFER_STEPS
+    # environment
+    env = r["env"]
+    assert not [k for k in REQUIRED_ENV if k not in env]
+    assert env["num_processes"] == env["device_count"] == len(env["devices"]) == procs
+    assert env["torch"] == torch.__version__ and env["mixed_precision"] == "no"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup", ["cpu-1proc", "cpu-2proc"])
+def test_cell_folder_has_checkpoint_grids_and_log(main_run, setup):
+    _, run_dir, _ = main_run
+    r = by_id(run_dir)[_id("finetune", setup)]
+    art = r["artifacts"]
+    cell_dir = run_dir / art["dir"]
+    assert (cell_dir / "checkpoint" / "generator.safetensors").is_file()
+    assert (cell_dir / "generator.safetensors").is_file()
+    # 8 images of 28 px a row, 1 px padding: 64 samples, and the 25 training shots of the target
+    for key, rows in (("samples", 8), ("real", 4)):
+        with Image.open(run_dir / art[key]) as img:
+            assert img.size == (8 * 29 + 1, rows * 29 + 1)
+    log = (run_dir / art["log"]).read_text()
+    assert r["cell_id"] in log and f"step {TRANSFER_STEPS}" in log and "quality/fid" in log
+
+
+@pytest.mark.slow
+def test_transfer_strategies_share_one_source_and_freezing_shows_in_the_counts(main_run):
+    _, run_dir, _ = main_run
+    recs = by_id(run_dir)
+    for setup in ("cpu-1proc", "cpu-2proc"):
+        fine, frozen = recs[_id("finetune", setup)]["metrics"], recs[_id("freeze_d", setup)]["metrics"]
+        assert fine["timing/source_cache_hit"] is False and frozen["timing/source_cache_hit"] is True
+        assert fine["timing/source_pretrain_s"] == frozen["timing/source_pretrain_s"]  # the cached cost
+        assert fine["params/frozen"] == 0 < frozen["params/frozen"]
+        assert frozen["params/trainable"] + frozen["params/frozen"] == fine["params/trainable"]
+        assert frozen["resources/optimizer_state_bytes"] < fine["resources/optimizer_state_bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setup, words", [("cpu-1proc", ["no_such_option"]), ("cpu-2proc", ["nan", "diverged"])])
+def test_injected_failure_is_a_failed_cell_and_the_matrix_goes_on(main_run, setup, words):
+    _, run_dir, _ = main_run
+    recs = by_id(run_dir)
+    r = recs[_id("scratch", setup)]
+    assert r["status"] == "failed"
+    assert all(w in r["reason"] for w in words) and "\n" not in r["reason"], r["reason"]
+    assert r["config"]["strategy"]["name"] == "scratch" and r["env"]["devices"]
+    log = (run_dir / r["artifacts"]["log"]).read_text()
+    assert "Traceback" in log  # the one-line reason in the record, the traceback in the cell's log
+    assert recs[_id("finetune", setup)]["status"] == "ok"  # ran after the failure in the same launch
+
+
+@pytest.mark.slow
+def test_gpu_setup_on_this_cpu_machine_is_skipped_with_the_reason(main_run):
+    _, run_dir, matrix = main_run
+    skipped = [r for r in records_of(run_dir) if r["setup"] == "1xgpu-bf16"]
+    assert len(skipped) == 3
+    for r in skipped:
+        assert r["status"] == "skipped" and r["reason"] == "needs 1 GPU(s), 0 present"
+        assert r["env"]["git_commit"] == by_id(run_dir)[_id("finetune", "cpu-1proc")]["env"]["git_commit"]
+        assert not (run_dir / "cells" / r["cell_id"]).exists()
+    assert not (run_dir / "launch" / "1xgpu-bf16.yaml").exists()
+
+
+@pytest.mark.slow
+def test_run_directory_layout(main_run):
+    _, run_dir, matrix = main_run
+    assert yaml.safe_load((run_dir / "matrix.yaml").read_text()) == matrix.raw
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["cells"] == [c.id for c in matrix.cells()]
+    assert {r["run_id"] for r in records_of(run_dir)} == {plan["run_id"]}
+    assert (run_dir / "report.html").is_file()
+    for setup in ("cpu-1proc", "cpu-2proc"):
+        assert (run_dir / "launch" / f"{setup}.log").is_file() and (run_dir / "launch" / f"{setup}.pid").is_file()
+
+
+@pytest.mark.slow
+def test_show_prints_every_cell_of_the_run(main_run, capsys):
+    _, run_dir, _ = main_run
+    assert bench_main(["show", str(run_dir), "--cells"]) == 0
+    rows = [line.split()[:4] for line in capsys.readouterr().out.splitlines()]
+    for r in records_of(run_dir):
+        assert [r["strategy"], r["setup"], str(r["seed"]), r["status"]] in rows, r["cell_id"]
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_reruns_nothing(main_run, cache):
+    _, run_dir, _ = main_run
+    before = (run_dir / "results.jsonl").read_bytes()
+    proc = bench(["run", "--resume", str(run_dir)], run_dir.parent, bench_env(cache))
+    assert proc.returncode == 1  # the two failed cells are still the latest word on them
+    assert (run_dir / "results.jsonl").read_bytes() == before  # no cell ran, no skip said twice
+    assert "cell 1/" not in proc.stdout
+
+
+# --- a killed launch is relaunched once and continues after the last finished cell -------------
+
+@pytest.mark.slow
+def test_killed_worker_is_relaunched_and_finishes_without_rerunning_cells(tmp_path, cache):
+    matrix_file = write(tmp_path / "kill.yaml", tiny_matrix(name="kill", strategies=["finetune"], seeds=[0, 1, 2],
+                                                             setups=["cpu-2proc"]))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(BENCH), "run", str(matrix_file), "--out", str(run_dir), "--wandb", "disabled"],
+                            cwd=tmp_path, env=bench_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        wait_for(lambda: len(records_of(run_dir)) >= 1, proc, "the first record")
+        pid = int((run_dir / "launch" / "cpu-2proc.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        done_at_kill = len(records_of(run_dir))
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert done_at_kill < 3  # killed mid-matrix
+    assert proc.returncode == 0, out
+    assert "relaunching to continue" in out
+    assert int((run_dir / "launch" / "cpu-2proc.pid").read_text()) != pid  # a second launch ran
+    counts = Counter(r["cell_id"] for r in records_of(run_dir))
+    assert sorted(counts) == sorted(c.id for c in load_matrix(str(matrix_file)).cells())
+    assert set(counts.values()) == {1}
+    assert {r["status"] for r in records_of(run_dir)} == {"ok"}
+
+
+@pytest.mark.slow
+def test_killed_bench_leaves_no_worker_and_resume_finishes_the_rest(tmp_path, cache):
+    matrix_file = write(tmp_path / "group.yaml", tiny_matrix(name="group", strategies=["scratch"], seeds=[0, 1, 2],
+                                                              setups=["cpu-1proc"]))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(BENCH), "run", str(matrix_file), "--out", str(run_dir), "--wandb", "disabled"],
+                            cwd=tmp_path, env=bench_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        wait_for(lambda: len(records_of(run_dir)) >= 1, proc, "the first record")
+        worker_pid = int((run_dir / "launch" / "cpu-1proc.pid").read_text())
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole `bench run` process group, as a job scheduler would
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    first = {r["cell_id"]: r for r in records_of(run_dir)}
+    assert len(first) < 3
+    deadline = time.monotonic() + 5  # less than a cell takes: an orphan would finish its cell and record it
+    while not gone(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gone(worker_pid), "the worker outlived the `bench run` that launched it"
+    time.sleep(1)
+    assert {r["cell_id"] for r in records_of(run_dir)} == set(first), "a cell was recorded after bench died"
+
+    again = bench(["run", "--resume", str(run_dir)], tmp_path, bench_env(cache))
+    assert again.returncode == 0, again.stdout + again.stderr
+    records = records_of(run_dir)
+    counts = Counter(r["cell_id"] for r in records)
+    assert sorted(counts) == sorted(c.id for c in load_matrix(str(matrix_file)).cells())
+    assert set(counts.values()) == {1}  # finished cells were not run again
+    assert all(r["status"] == "ok" for r in records)
+    assert all(by_id(run_dir)[cid] == rec for cid, rec in first.items())
+
+
+# --- in-process: the relaunch policy and each kind of cell failure ------------------------------
+
+def test_launch_that_keeps_dying_gives_up_after_one_relaunch(tmp_path, monkeypatch, capsys):
+    """Every launch dies before finishing a cell: one relaunch, then the cells are recorded as failed."""
+    monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    launches = []
+
+    def dying_launch(setup, run_dir, *args):
+        launches.append(setup.name)
+        return 137  # what a SIGKILLed launcher returns
+
+    monkeypatch.setattr(run_module, "launch", dying_launch)
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["finetune"], setups=["cpu-1proc", "1xgpu-bf16"]))
+    code = run_module.run_matrix(str(matrix_file), out=tmp_path / "run", wandb_mode="disabled")
+    assert code == 1
+    assert launches == ["cpu-1proc", "cpu-1proc"]
+    recs = by_id(tmp_path / "run")
+    died = recs[_id("finetune", "cpu-1proc")]
+    assert died["status"] == "failed" and "launch died 2 times (last exit code 137)" in died["reason"]
+    assert "launch/cpu-1proc.log" in died["reason"] and died["env"]["python"]
+    assert recs[_id("finetune", "1xgpu-bf16")]["status"] == "skipped"
+
+
+@pytest.fixture
+def one_process(tmp_path, monkeypatch):
+    """A 1-process accelerator, the tiny matrix (scratch only: no pretraining), a run directory."""
+    monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: one thread is as fast and does not fight other processes
+    matrix = parse_matrix(tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"], transfer_steps=10), "tiny")
+    yield make_accelerator(), matrix, matrix.cells()[0], tmp_path / "run"
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("fault, words", [
+    ("oom", ["out of memory"]),
+    ("option", ["no_such_option"]),
+    ("nan", ["nan", "diverged"]),
+])
+def test_cell_failure_becomes_a_failed_record(one_process, monkeypatch, fault, words):
+    accelerator, matrix, cell, run_dir = one_process
+    monkeypatch.setenv(FAULT_ENV, f"nothing-matches=oom;{cell.id[:8]}*={fault}")
+    record = run_cell(accelerator, matrix, cell, run_dir, "run-id")
+    assert record["status"] == "failed" and record["cell_id"] == cell.id
+    assert all(w in record["reason"] for w in words) and "\n" not in record["reason"], record["reason"]
+    assert record["env"]["num_processes"] == 1 and record["config"]["transfer"]["steps"] == 10
+    assert record["metrics"]["timing/wall_s"] > 0
+    log = (run_dir / record["artifacts"]["log"]).read_text()
+    assert "Traceback" in log and record["reason"] in log
+
+
+def test_scratch_cell_records_no_source(one_process):
+    accelerator, matrix, cell, run_dir = one_process
+    record = run_cell(accelerator, matrix, cell, run_dir, "run-id")
+    assert record["status"] == "ok", record["reason"]
+    m = record["metrics"]
+    assert m["timing/source_pretrain_s"] is None and m["timing/source_cache_hit"] is None
+    assert not (run_dir.parent / "cache" / "sources").exists()
+    assert (run_dir / record["artifacts"]["samples"]).is_file()

@@ -1,0 +1,259 @@
+"""bench/matrix.py: presets and setups load, cells expand with stable ids, bad matrices fail at the edge.
+
+Every check here runs before anything trains: a matrix is YAML -> validated Matrix -> cells, and
+each kind of mistake is one UserError line that names the file and the bad value.
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from bench.matrix import (CELL_OWNED, PRESETS_DIR, SETUPS_DIR, check_data, filter_cells, load_matrix,
+                          load_setup, parse_matrix, preset_names, read_yaml, setup_names)
+from ganlib.data import DataSpec
+from ganlib.errors import UserError
+from ganlib.metrics import MIN_SAMPLES
+from ganlib.strategies import STRATEGIES
+
+# A valid matrix every bad-input case below changes in one place.
+TINY = {
+    "name": "tiny",
+    "network": {"name": "dcgan", "size": 28, "width": 8},
+    "pairs": [{"source": "mnist5k:classes=0-4", "target": "mnist5k:classes=5-9:n=25"}],
+    "strategies": ["scratch", "finetune", {"name": "freeze_d", "options": {"layers": 1}}],
+    "setups": ["cpu-1proc", "cpu-2proc"],
+    "seeds": [0, 1],
+    "source_steps": 20,
+    "transfer_steps": 10,
+    "train": {"batch": 16},
+    "metrics": {"num_samples": 100, "curve_samples": 50, "eval_every": 10, "target_fid": 50.0},
+}
+
+
+def _tiny(**changes) -> dict:
+    data = yaml.safe_load(yaml.safe_dump(TINY))  # a deep copy
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_loads_and_expands_to_its_product(name):
+    matrix = load_matrix(name)
+    raw = read_yaml(PRESETS_DIR.joinpath(f"{name}.yaml").read_text(), name)
+    n_nets = len(raw["networks"]) if "networks" in raw else 1
+    expected = n_nets * len(raw["pairs"]) * len(raw["strategies"]) * len(raw["setups"]) * len(raw["seeds"])
+    cells = matrix.cells()
+    assert len(cells) == expected
+    assert len({c.id for c in cells}) == len(cells)
+    assert matrix.name == raw["name"]
+
+
+def test_presets_are_the_yaml_files_shipped():
+    shipped = sorted(p.name[:-5] for p in PRESETS_DIR.iterdir() if p.name.endswith(".yaml"))
+    assert preset_names() == shipped and "default" in shipped
+
+
+@pytest.mark.parametrize("name", setup_names())
+def test_every_setup_loads(name):
+    setup = load_setup(name, "test")
+    raw = yaml.safe_load(SETUPS_DIR.joinpath(f"{name}.yaml").read_text())
+    assert setup.name == name
+    assert setup.num_processes == raw.get("num_processes", 1) >= 1
+    assert setup.mixed_precision == raw.get("mixed_precision", "no")
+    assert setup.gpus_per_machine == (0 if raw.get("use_cpu") else max(1, setup.num_processes // setup.num_machines))
+
+
+def test_cell_ids_follow_the_naming_scheme_setup_major():
+    matrix = parse_matrix(_tiny(), "tiny.yaml")
+    cells = matrix.cells()
+    assert len(cells) == 3 * 2 * 2
+    pair = "mnist5k-c0-4_2_mnist5k-c5-9-n25"
+    expected = [f"{s}-{pair}-{setup}-s{seed}" for setup in ("cpu-1proc", "cpu-2proc")
+                for s in ("scratch", "finetune", "freeze_d") for seed in (0, 1)]
+    assert [c.id for c in cells] == expected
+    # stable: parsing the same matrix again (as the worker does from matrix.yaml) gives the same ids
+    assert [c.id for c in parse_matrix(_tiny(), "elsewhere.yaml").cells()] == expected
+
+
+def test_strategy_id_names_repeated_strategies_apart():
+    strategies = [{"name": "freeze_d", "options": {"layers": 1}, "id": "freeze_d1"},
+                  {"name": "freeze_d", "options": {"layers": 2}, "id": "freeze_d2"}]
+    matrix = parse_matrix(_tiny(strategies=strategies, setups=["cpu-1proc"], seeds=[0]), "m.yaml")
+    assert [c.id.split("-")[0] for c in matrix.cells()] == ["freeze_d1", "freeze_d2"]
+    assert [c.strategy.options for c in matrix.cells()] == [{"layers": 1}, {"layers": 2}]
+
+
+def test_several_networks_put_the_network_in_the_id():
+    nets = [{"name": "dcgan", "size": 28, "width": 8}, {"name": "dcgan", "size": 28, "width": 16}]
+    matrix = parse_matrix(_tiny(network=None, networks=nets, strategies=["finetune"], setups=["cpu-1proc"],
+                                seeds=[0]), "m.yaml")
+    ids = [c.id for c in matrix.cells()]
+    assert ids == ["finetune-dcgan28w8-mnist5k-c0-4_2_mnist5k-c5-9-n25-cpu-1proc-s0",
+                   "finetune-dcgan28w16-mnist5k-c0-4_2_mnist5k-c5-9-n25-cpu-1proc-s0"]
+
+
+def test_train_and_source_configs_of_a_cell():
+    matrix = parse_matrix(_tiny(), "m.yaml")
+    cell = next(c for c in matrix.cells() if c.strategy.name == "freeze_d" and c.seed == 1)
+    cfg = matrix.train_config(cell)
+    assert (cfg.net, cfg.size, cfg.width, cfg.batch, cfg.seed) == ("dcgan", 28, 8, 16, 1)
+    assert cfg.data == "mnist5k:classes=5-9:n=25" and cfg.steps == 10 and cfg.eval_every == 10
+    assert cfg.strategy == "freeze_d" and cfg.strategy_options == {"layers": 1}
+    src = matrix.source_config(cell)
+    assert src.data == "mnist5k:classes=0-4" and src.steps == 20 and src.strategy == "scratch"
+    assert src.eval_every == 0 and src.strategy_options == {}
+    # the FID reference is the whole target domain, not the few shots trained on
+    assert str(cell.pair.eval_target) == str(DataSpec.parse("mnist5k:classes=5-9"))
+
+
+def test_defaults_fill_in_network_setup_seed():
+    data = _tiny(network=None, setups=None, seeds=None, metrics=None, train=None)
+    matrix = parse_matrix(data, "m.yaml")
+    assert [(n.name, n.size, n.width) for n in matrix.networks] == [("dcgan", 28, 64)]
+    assert [s.name for s in matrix.setups] == ["cpu-1proc"] and matrix.seeds == [0]
+
+
+def test_setup_may_be_a_yaml_file(tmp_path):
+    path = tmp_path / "my-3proc.yaml"
+    path.write_text("num_processes: 3\nuse_cpu: true\n")
+    matrix = parse_matrix(_tiny(setups=[str(path)]), "m.yaml")
+    assert matrix.setups[0].name == "my-3proc" and matrix.setups[0].num_processes == 3
+    assert matrix.cells()[0].id.endswith("-my-3proc-s0")
+
+
+# --- bad input: one line naming the file and the bad value, raised before anything runs --------
+
+BAD = [
+    ("unknown top-level field", dict(stratgies=["finetune"]), ["stratgies"]),
+    ("missing pairs", dict(pairs=None), ["pairs"]),
+    ("unknown strategy", dict(strategies=["finetune", "no_such_strategy"]), ["no_such_strategy"]),
+    ("strategy option that does not exist", dict(strategies=[{"name": "freeze_d", "options": {"bogus": 1}}]),
+     ["bogus", "freeze_d"]),
+    ("strategy entry with a typo", dict(strategies=[{"name": "finetune", "opts": {}}]), ["opts"]),
+    ("duplicate strategy", dict(strategies=["finetune", "finetune"]), ["duplicate cell id"]),
+    ("duplicate seed", dict(seeds=[0, 0]), ["duplicate cell id"]),
+    ("duplicate setup", dict(setups=["cpu-1proc", "cpu-1proc"]), ["duplicate cell id"]),
+    ("unknown dataset", dict(pairs=[{"source": "mnist5k", "target": "no_such_data:n=5"}]), ["no_such_data"]),
+    ("pair without target", dict(pairs=[{"source": "mnist5k"}]), ["source", "target"]),
+    ("unknown network", dict(network={"name": "no_such_net", "size": 28}), ["no_such_net"]),
+    ("unknown setup", dict(setups=["cpu-9proc"]), ["cpu-9proc"]),
+    ("setup file missing", dict(setups=["nowhere/x.yaml"]), ["nowhere/x.yaml"]),
+    ("unknown extractor", dict(metrics={"extractor": "no_such_extractor"}), ["no_such_extractor"]),
+    ("unknown metrics field", dict(metrics={"num_sample": 100}), ["num_sample"]),
+    ("too few samples", dict(metrics={"num_samples": MIN_SAMPLES - 1}), ["num_samples", str(MIN_SAMPLES - 1)]),
+    ("too few curve samples", dict(metrics={"curve_samples": 3}), ["curve_samples"]),
+    ("negative eval_every", dict(metrics={"eval_every": -3}), ["eval_every", "-3"]),
+    ("target FID not a number", dict(metrics={"target_fid": "low"}), ["target_fid", "low"]),
+    ("train field the matrix owns", dict(train={"steps": 5}), ["train.steps"]),
+    ("unknown train field", dict(train={"bacth": 16}), ["bacth"]),
+    ("train value of the wrong type", dict(train={"lr_g": "2e-4"}), ["lr_g", "2e-4"]),
+    ("train value out of range", dict(train={"batch": 1}), ["batch=1"]),
+    ("steps not an integer", dict(transfer_steps="10"), ["transfer_steps"]),
+    ("zero source steps", dict(source_steps=0), ["source_steps"]),
+    ("negative seed", dict(seeds=[-1]), ["seed"]),
+    ("train not a mapping", dict(train=["batch: 16"]), ["train", "mapping"]),
+    ("metrics not a mapping", dict(metrics=[100]), ["metrics", "mapping"]),
+]
+
+
+@pytest.mark.parametrize("label, changes, words", BAD, ids=[b[0] for b in BAD])
+def test_bad_matrix_is_one_user_error_line(label, changes, words):
+    with pytest.raises(UserError) as err:
+        parse_matrix(_tiny(**changes), "bad.yaml")
+    text = str(err.value)
+    assert "\n" not in text
+    assert text.startswith("bad.yaml"), text  # names the file
+    for word in words:
+        assert word in text, text
+
+
+def test_every_field_the_matrix_owns_is_refused_in_train():
+    for name in sorted(CELL_OWNED):
+        with pytest.raises(UserError, match=f"train.{name}"):
+            parse_matrix(_tiny(train={name: 1}), "bad.yaml")
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\npairs:\n  - {source: mnist5k, target: digits\nseeds: [0]\n")
+    with pytest.raises(UserError) as err:
+        load_matrix(str(path))
+    assert str(err.value).startswith(f"{path} line ") and "malformed YAML" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- finetune\n- scratch\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_matrix(str(path))
+
+
+@pytest.mark.parametrize("ref, word", [("no_such_preset", "unknown preset"), ("missing.yaml", "does not exist")])
+def test_unknown_preset_or_missing_file(ref, word):
+    with pytest.raises(UserError, match=word) as err:
+        load_matrix(ref)
+    for name in preset_names():
+        assert name in str(err.value)  # says what exists
+
+
+@pytest.mark.parametrize("setup, word", [
+    ("mixed_precision: fp8\n", "mixed_precision"),
+    ("use_cpu: true\nmixed_precision: fp16\n", "fp16"),
+    ("num_processes: 0\n", "num_processes"),
+])
+def test_bad_setup_file(tmp_path, setup, word):
+    path = tmp_path / "s.yaml"
+    path.write_text(setup)
+    with pytest.raises(UserError, match=word):
+        parse_matrix(_tiny(setups=[str(path)]), "bad.yaml")
+
+
+@pytest.mark.parametrize("target, word", [
+    ("mnist5k:classes=5-12:n=25", "classes"),
+    ("mnist5k:classes=5-9:n=99999", "n=99999"),
+])
+def test_check_data_refuses_data_the_dataset_lacks(target, word):
+    matrix = parse_matrix(_tiny(pairs=[{"source": "mnist5k:classes=0-4", "target": target}]), "m.yaml")
+    with pytest.raises(UserError, match=word):
+        check_data(matrix)
+
+
+def test_check_data_accepts_the_tiny_matrix():
+    check_data(parse_matrix(_tiny(), "m.yaml"))
+
+
+# --- --only -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("only, expected", [
+    ("strategy=finetune", lambda c: c.strategy.id == "finetune"),
+    ("strategy=finetune,strategy=scratch", lambda c: c.strategy.id in ("finetune", "scratch")),
+    ("strategy=f*,setup=cpu-2proc", lambda c: c.strategy.id.startswith("f") and c.setup == "cpu-2proc"),
+    ("seed=1", lambda c: c.seed == 1),
+    ("cell=scratch-*-cpu-1proc-s0", lambda c: c.id.startswith("scratch-") and c.id.endswith("cpu-1proc-s0")),
+    ("pair=mnist5k-c0-4_2_*", lambda c: True),
+    (None, lambda c: True),
+])
+def test_only_keeps_matching_cells(only, expected):
+    cells = parse_matrix(_tiny(), "m.yaml").cells()
+    kept = filter_cells(cells, only)
+    assert kept == [c for c in cells if expected(c)] and kept
+
+
+@pytest.mark.parametrize("only, word", [("strategy=nothing", "matches no cell"), ("colour=red", "key=pattern"),
+                                        ("finetune", "key=pattern")])
+def test_only_errors(only, word):
+    with pytest.raises(UserError, match=word):
+        filter_cells(parse_matrix(_tiny(), "m.yaml").cells(), only)
+
+
+def test_every_registered_strategy_can_be_a_matrix_cell():
+    """A strategy added to the registry is accepted by the matrix the day it is added."""
+    matrix = parse_matrix(_tiny(strategies=STRATEGIES.names(), setups=["cpu-1proc"], seeds=[0]), "m.yaml")
+    assert [c.strategy.name for c in matrix.cells()] == STRATEGIES.names()
+    assert len({c.id for c in matrix.cells()}) == len(STRATEGIES.names())
