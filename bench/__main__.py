@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto")
     run.add_argument("--wandb-project", default="ganbench")
     run.add_argument("--wandb-entity", default=None)
-    run.add_argument("--accelerate-config", type=Path, default=Path("accelerate_config.yaml"),
-                     help="base Accelerate config each setup overrides (used when the file exists)")
+    run.add_argument("--accelerate-config", type=Path, default=None, metavar="FILE",
+                     help="base Accelerate config (e.g. accelerate_config.yaml) that each setup overrides")
     run.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $GANBENCH_CACHE or ~/.cache/ganbench)")
     run.set_defaults(func=_cmd_run)
 

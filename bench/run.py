@@ -155,6 +155,8 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
     """Run (or resume) a matrix; returns the exit code: 0 every cell ok or skipped, 1 any failed."""
     if retry_failed and resume is None:
         raise UserError("--retry-failed reruns the failed cells of an earlier run: give it with --resume DIR")
+    if base_config is not None and not base_config.is_file():
+        raise UserError(f"--accelerate-config {base_config}: no such file")
     if cache_dir is not None:
         os.environ["GANBENCH_CACHE"] = str(cache_dir)  # the launched workers inherit it
     if resume is not None:
@@ -226,22 +228,40 @@ def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], b
                 if (before.get("status"), before.get("reason")) != ("skipped", reason):  # a resume: said already
                     append_record(run_dir, skipped_record(matrix, cell, run_id, reason))
             continue
-        code = 0
-        for attempt in range(1 + RELAUNCHES):
-            code = launch(setup, run_dir, base_config, wandb_args, cache_dir)
-            left = [c for c in todo if c.id not in worker.finished_ids(run_dir)]
-            if not left:
-                break
-            if attempt < RELAUNCHES:
-                print(f"[bench] launch of setup {setup.name} died (exit code {code}); relaunching to continue "
-                      f"with {len(left)} cell(s) left", flush=True)
-        left = [c for c in todo if c.id not in worker.finished_ids(run_dir)]
-        for cell in left:
-            append_record(run_dir, failed_record(matrix, cell, run_id,
-                                                 f"launch died {1 + RELAUNCHES} times (last exit code {code}); "
-                                                 f"see launch/{setup.name}.log"))
+        _run_launches(matrix, setup, todo, run_dir, run_id, base_config, wandb_args, cache_dir)
     print(f"[bench] matrix finished in {time.perf_counter() - started:.0f} s", flush=True)
     return finish(run_dir, run_id, cells, wandb_mode, wandb_project, wandb_entity)
+
+
+def _run_launches(matrix: Matrix, setup: SetupSpec, todo: list[Cell], run_dir: Path, run_id: str,
+                  base_config: Path | None, wandb_args: list[str], cache_dir: Path | None) -> None:
+    """Launch `setup` until its cells are done. A launch that dies is started again; a cell that was
+    running at 1 + RELAUNCHES deaths is recorded as failed (it kills its process) and the rest go on.
+    A launch that dies before any cell, 1 + RELAUNCHES times, fails the setup's remaining cells."""
+    deaths: dict[str, int] = {}
+    current = run_dir / "launch" / f"{setup.name}.current"
+    while True:
+        current.unlink(missing_ok=True)
+        code = launch(setup, run_dir, base_config, wandb_args, cache_dir)
+        left = [c for c in todo if c.id not in worker.finished_ids(run_dir)]
+        if not left:
+            return
+        culprit = current.read_text().strip() if current.exists() else "(start-up)"
+        deaths[culprit] = deaths.get(culprit, 0) + 1
+        log = f"see launch/{setup.name}.log"
+        if deaths[culprit] <= RELAUNCHES:
+            print(f"[bench] launch of setup {setup.name} died in {culprit} (exit code {code}); relaunching to "
+                  f"continue with {len(left)} cell(s) left", flush=True)
+            continue
+        if culprit == "(start-up)" or culprit not in {c.id for c in left}:
+            for cell in left:
+                append_record(run_dir, failed_record(matrix, cell, run_id,
+                                                     f"launch died {deaths[culprit]} times (last exit code {code}); {log}"))
+            return
+        cell = next(c for c in left if c.id == culprit)
+        print(f"[bench] cell {culprit} killed its launch {deaths[culprit]} times; recorded as failed", flush=True)
+        append_record(run_dir, failed_record(matrix, cell, run_id, f"the process died while running this cell "
+                                                                    f"{deaths[culprit]} times (last exit code {code}); {log}"))
 
 
 def _forget_failed(run_dir: Path) -> None:

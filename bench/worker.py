@@ -100,6 +100,8 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
             eta = f", ETA {_fmt_s(sum(durations) / len(durations) * (total - finished_before))}"
         accelerator.print(f"[bench] cell {finished_before + 1}/{total}: {cell.id}{eta}", flush=True)
         t0 = time.perf_counter()
+        if accelerator.is_main_process:  # so `bench run` can tell which cell a dead launch was running
+            (run_dir / "launch" / f"{setup or 'external'}.current").write_text(cell.id)
         record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir)
         durations.append(time.perf_counter() - t0)
         if accelerator.is_main_process:
