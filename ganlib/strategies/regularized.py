@@ -15,7 +15,7 @@ from ganlib.strategies.base import GStepContext, Options, SetupContext, StepPlan
 
 @dataclass
 class EWCOptions(Options):
-    lam: float = 5e3            # weight of the EWC penalty (calibrated for our Fisher estimator; see docs/strategies.md)
+    lam: float = 1e3            # weight of the EWC penalty, calibrated for our Fisher estimator (docs/strategies.md)
     fisher_samples: int = 256   # latents used to estimate the Fisher information at the source weights
     fisher_batch: int = 16      # latents per gradient in the Fisher estimate (a per-batch estimator, see docs)
 

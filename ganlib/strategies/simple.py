@@ -62,7 +62,7 @@ class TwoPhase(Strategy):
 
     name = "two_phase"
     OptionsType = TwoPhaseOptions
-    paper = "the schedule of the original design document"
+    paper = "baseline: D adapts first, then G against the fixed D (no single paper)"
 
     def validate(self) -> None:
         if not 0.0 < self.options.split < 1.0:
@@ -87,7 +87,7 @@ class ScaleShift(Strategy):
     """In G only the affine scale/shift of normalisation layers; all of D (Noguchi & Harada 2019)."""
 
     name = "scale_shift"
-    paper = "batch statistics adaptation, Noguchi & Harada 2019; FreezeD's --only_adain"
+    paper = "batch statistics adaptation, Noguchi & Harada 2019 (trained adversarially here, see docs)"
 
     def check(self, family, G: nn.Module, D: nn.Module) -> None:
         if not _norm_affine_params(G):
