@@ -1,78 +1,24 @@
-"""Shared measurement helpers for the pytest-benchmark suite (not part of the ordinary test run).
+"""Fixtures of the pytest-benchmark suite (not part of the ordinary test run: testpaths is tests/).
 
-Every benchmark goes through `measure()`: warm-up rounds, then GROUPS groups of rounds; the
-median round time is what pytest-benchmark reports, and the spread of the group medians
-((max - min) / min) goes into extra_info["spread"] for the gate's stability check. On CUDA the
-device is synchronised inside the timed function, so the timer sees finished work.
+    pytest benchmarks --benchmark-only --benchmark-json=out.json     # then: python -m benchmarks.gate BASE out.json
+
+How rounds are timed and normalised lives in benchmarks/timing.py (re-exported here for the
+benchmark modules that import it from conftest).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import os
-import platform
-import statistics
-import time
-from typing import Callable
-
 import pytest
 import torch
 
-SLOWDOWN_ENV = "GANBENCH_BENCH_SLOWDOWN"  # tests of the gate only: "<benchmark glob>=<fraction>"
-GROUPS = 5                                 # round groups whose medians define a benchmark's spread
+from benchmarks.timing import (SLOWDOWN_ENV, configure_session, device, device_name,  # noqa: F401
+                               measure, synchronize)
+
+SOURCE_STEPS = 3  # training steps of a benchmark's source checkpoint: weights to load, not a good GAN
 
 
-def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu {platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _injected_slowdown(name: str) -> float:
-    spec = os.environ.get(SLOWDOWN_ENV, "")
-    pattern, _, fraction = spec.partition("=")
-    return float(fraction) if spec and fnmatch.fnmatchcase(name, pattern) else 0.0
-
-
-def measure(benchmark, fn: Callable[[], None], *, images_per_call: int = 0, rounds: int = 20,
-            warmup: int = 3, **info) -> float:
-    """Benchmark `fn` (one call = one round); returns the median seconds per call.
-
-    images_per_call: images one call processes, for the img_per_s extra info (0 = not an image op).
-    """
-    slowdown = _injected_slowdown(benchmark.name)
-
-    def timed() -> None:
-        t0 = time.perf_counter() if slowdown else 0.0
-        fn()
-        synchronize()
-        if slowdown:  # an exact fractional slowdown of this benchmark, for the gate's own tests
-            time.sleep((time.perf_counter() - t0) * slowdown)
-
-    rounds = max(GROUPS, rounds - rounds % GROUPS)
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=warmup)
-    data = list(benchmark.stats.stats.data)
-    size = len(data) // GROUPS
-    medians = [statistics.median(data[i * size:(i + 1) * size]) for i in range(GROUPS)]
-    median = statistics.median(data)
-    benchmark.extra_info.update({
-        "device": device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "threads": torch.get_num_threads(),
-        "spread": (max(medians) - min(medians)) / min(medians),
-        **info,
-    })
-    if images_per_call:
-        benchmark.extra_info["img_per_s"] = images_per_call / median
-    return median
+def pytest_configure(config) -> None:
+    configure_session()
 
 
 @pytest.fixture(autouse=True)
@@ -93,3 +39,33 @@ def fresh_accelerator():
 
     yield make
     AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def source_checkpoint(tmp_path_factory):
+    """`source_checkpoint(net, size, width) -> directory` of a tiny source G and D for transfer strategies.
+
+    Each (net, size, width) is trained once per session (SOURCE_STEPS steps of `scratch` on
+    mnist5k, fp32), so strategies that load a source have real weights to start from.
+    """
+    from accelerate.state import AcceleratorState
+
+    from ganlib.config import TrainConfig
+    from ganlib.distributed import make_accelerator
+    from ganlib.train import train
+
+    made: dict[tuple[str, int, int], str] = {}
+
+    def get(net: str, size: int, width: int) -> str:
+        key = (net, size, width)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"source-{net}{size}-w{width}")
+            AcceleratorState._reset_state(True)
+            cfg = TrainConfig(net=net, size=size, width=width, data="mnist5k", batch=32, steps=SOURCE_STEPS,
+                              warmup_steps=0, mixed_precision="no", out=str(out), progress=False)
+            train(cfg, make_accelerator("no"))
+            AcceleratorState._reset_state(True)
+            made[key] = str(out)
+        return made[key]
+
+    return get

@@ -1,11 +1,18 @@
 """The nightly performance gate: compare two pytest-benchmark JSON files, calibrated and noise-aware.
 
-Raw seconds move with the machine's speed that night (other tenants, clocks, thermal state), so
-every benchmark's median is divided by the median of the in-run calibration kernel (a fixed
-matmul, `test_calibration_matmul`) before two runs are compared. Like TorchBench's stability
-check, a benchmark whose own spread ((max - min) / min of its round-group medians, recorded in
-extra_info["spread"]) exceeds 7% in either run is reported as unstable instead of gated on.
-A baseline recorded on a different device is refused.
+A machine's speed moves from night to night and minute to minute (other tenants, clocks, thermal
+state), so benchmarks are compared in calibration-kernel units: each benchmark's
+`extra_info["normalised"]` is the median over its rounds of round time / the time of the fixed
+calibration kernel run next to that round (benchmarks/timing.py). A benchmark without it (timed
+some other way) falls back to its median / the median of the calibration benchmark
+(`test_calibration_kernel`), which every run must contain.
+
+A benchmark regresses when its normalised median grew by more than `tolerance` and by more than
+its spread ((max - min) / min of its round-group medians, extra_info["spread"], the larger of the two
+runs). Like TorchBench's stability check, a benchmark whose spread exceeds `max_spread` is reported
+UNSTABLE: a change within its spread is not judged, but a slowdown beyond its own noise still fails.
+A baseline measured on another device, or with another thread count, allocator mode, clock or
+calibration kernel is refused; another torch/CUDA version is reported but compared.
 
     python -m benchmarks.gate BASELINE.json NEW.json [--tolerance 0.10] [--max-spread 0.07]
 Exit code: 0 no regression, 1 regression (named), 2 unusable input.
@@ -13,23 +20,26 @@ Exit code: 0 no regression, 1 regression (named), 2 unusable input.
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
 
-CALIBRATION = "test_calibration_matmul"  # the benchmark whose median sets the machine's speed
+CALIBRATION = "test_calibration_kernel"  # the benchmark of the calibration kernel alone
 TOLERANCE = 0.10                         # slowdown (normalised median) that counts as a regression
 MAX_SPREAD = 0.07                        # TorchBench-style stability bound on a benchmark's spread
+SETUP_KEYS = ("device", "threads", "allocator", "clock", "calibration")  # must match to compare two runs
+VERSION_KEYS = ("torch", "cuda")                             # reported when they differ
 
 
 @dataclass
 class Row:
     name: str
-    base: float          # normalised median (benchmark median / calibration median)
+    base: float          # normalised median (calibration-kernel units)
     new: float
     change: float        # new / base - 1 (positive = slower)
     spread: float        # the larger spread of the two runs
@@ -37,72 +47,116 @@ class Row:
 
 
 def load(path: Path) -> dict:
+    """A pytest-benchmark JSON file (UserError when unreadable or not one)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise UserError(f"{path}: not a readable pytest-benchmark JSON file ({err.__class__.__name__})") from None
-    if "benchmarks" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise UserError(f"{path}: no 'benchmarks' list; write it with pytest --benchmark-json")
     return data
 
 
+def setup_of(data: dict) -> dict[str, object]:
+    """How a run measured, as its benchmarks recorded it: device, threads, clock, calibration kernel, versions.
+
+    A run's benchmarks share one setup; the first one recording a key gives it. A file written
+    without our extra info falls back to pytest-benchmark's machine_info for the device.
+    """
+    setup: dict[str, object] = {}
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info") or {}
+        for key in (*SETUP_KEYS, *VERSION_KEYS):
+            if key not in setup and key in info:
+                setup[key] = info[key]
+    if "device" not in setup:
+        setup["device"] = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "unknown")
+    return setup
+
+
 def device_of(data: dict) -> str:
     """The device a run measured on, as the benchmarks recorded it (CPU model or GPU name)."""
-    for bench in data["benchmarks"]:
-        device = bench.get("extra_info", {}).get("device")
-        if device:
-            return device
-    return data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "unknown")
+    return str(setup_of(data)["device"])
+
+
+def _median(bench: dict) -> float:
+    """Median seconds per round on the benchmark's own clock (pytest-benchmark's wall median if absent)."""
+    return float((bench.get("extra_info") or {}).get("median_s", bench["stats"]["median"]))
 
 
 def normalised(data: dict, path: Path) -> dict[str, tuple[float, float]]:
-    """name -> (median / calibration median, spread)."""
+    """name -> (median in calibration-kernel units, spread), for every benchmark but the calibration."""
     by_name = {b["name"]: b for b in data["benchmarks"]}
     calib = next((b for n, b in by_name.items() if n.startswith(CALIBRATION)), None)
     if calib is None:
-        raise UserError(f"{path}: has no {CALIBRATION} benchmark to normalise by; run the whole suite")
-    scale = calib["stats"]["median"]
+        raise UserError(f"{path}: has no {CALIBRATION} benchmark (the machine's speed that run); "
+                        "run the whole suite, or include it in -k")
+    scale = _median(calib)
     out = {}
     for name, bench in by_name.items():
         if name.startswith(CALIBRATION):
             continue
-        spread = bench.get("extra_info", {}).get("spread")
+        info = bench.get("extra_info") or {}
+        value = info.get("normalised")
+        if value is None:
+            value = _median(bench) / scale
+        spread = info.get("spread")
         if spread is None:
             stats = bench["stats"]
             spread = (stats["max"] - stats["min"]) / stats["min"] if stats["min"] > 0 else 0.0
-        out[name] = (bench["stats"]["median"] / scale, float(spread))
+        out[name] = (float(value), float(spread))
     return out
 
 
+def check_setups(base: dict, new: dict, allow_mismatch: bool = False) -> list[str]:
+    """Refuse runs measured differently (UserError naming the difference); returns warnings."""
+    b, n = setup_of(base), setup_of(new)
+    for key in SETUP_KEYS:
+        if key in b and key in n and b[key] != n[key] and not allow_mismatch:
+            raise UserError(f"baseline was measured with {key} {b[key]!r}, this run with {n[key]!r}; the numbers "
+                            "are not comparable: record a baseline for this setup (scripts/nightly.sh --update-baseline)")
+    return [f"{key} differs: baseline {b.get(key)!r}, new {n.get(key)!r}"
+            for key in (*SETUP_KEYS, *VERSION_KEYS) if b.get(key) != n.get(key)]
+
+
 def compare(baseline: Path, new: Path, tolerance: float = TOLERANCE, max_spread: float = MAX_SPREAD,
-            allow_device_mismatch: bool = False) -> list[Row]:
+            allow_device_mismatch: bool = False) -> tuple[list[Row], list[str]]:
+    """One row per benchmark in either run with its verdict, and the setup/version differences to print.
+
+    tolerance:  normalised slowdown that is a regression (0.10 = 10%; the same speed-up is IMPROVED),
+                when it also exceeds the benchmark's spread.
+    max_spread: spread above which a benchmark is UNSTABLE (changes within its spread not judged).
+    Raises UserError for an unreadable file, a missing calibration benchmark or a different setup.
+    """
+    if tolerance <= 0 or max_spread <= 0:
+        raise UserError(f"tolerance {tolerance} and max spread {max_spread} must be positive (e.g. 0.10 and 0.07)")
     base_data, new_data = load(baseline), load(new)
-    if device_of(base_data) != device_of(new_data) and not allow_device_mismatch:
-        raise UserError(f"baseline was measured on {device_of(base_data)!r}, this run on {device_of(new_data)!r}; "
-                        "record a baseline on this device (scripts/nightly.sh --update-baseline)")
+    warnings = check_setups(base_data, new_data, allow_device_mismatch)
     base, cur = normalised(base_data, baseline), normalised(new_data, new)
     rows = []
     for name in sorted(set(base) | set(cur)):
         if name not in base or name not in cur:
-            rows.append(Row(name, base.get(name, (float("nan"), 0))[0], cur.get(name, (float("nan"), 0))[0],
-                            float("nan"), 0.0, "NEW" if name not in base else "MISSING"))
+            rows.append(Row(name, base.get(name, (math.nan, 0))[0], cur.get(name, (math.nan, 0))[0],
+                            math.nan, 0.0, "NEW" if name not in base else "MISSING"))
             continue
         (b, bs), (n, ns) = base[name], cur[name]
         change = n / b - 1.0
         spread = max(bs, ns)
-        if spread > max_spread:
-            verdict = "UNSTABLE"
-        elif change > tolerance:
+        threshold = max(tolerance, spread)  # a change the benchmark's own noise cannot explain
+        if change > threshold:
             verdict = "REGRESSED"
-        elif change < -tolerance:
+        elif change < -threshold:
             verdict = "IMPROVED"
+        elif spread > max_spread:
+            verdict = "UNSTABLE"
         else:
             verdict = "OK"
         rows.append(Row(name, b, n, change, spread, verdict))
-    return rows
+    return rows, warnings
 
 
 def format_rows(rows: list[Row], tolerance: float, max_spread: float) -> str:
+    """The gate's report: a table, the unstable benchmarks, and a last line naming any regression."""
     width = max([len(r.name) for r in rows] + [9])
     lines = [f"{'benchmark':<{width}}  {'base':>9}  {'new':>9}  {'change':>8}  {'spread':>7}  verdict",
              f"{'':<{width}}  (medians in calibration-kernel units)"]
@@ -111,25 +165,32 @@ def format_rows(rows: list[Row], tolerance: float, max_spread: float) -> str:
     regressed = [r for r in rows if r.verdict == "REGRESSED"]
     unstable = [r.name for r in rows if r.verdict == "UNSTABLE"]
     if unstable:
-        lines.append(f"unstable (spread > {max_spread:.0%}, not gated): {', '.join(unstable)}")
+        lines.append(f"unstable (spread > {max_spread:.0%}: only a change beyond the spread counts): {', '.join(unstable)}")
     if regressed:
         lines.append("REGRESSED: " + "; ".join(f"{r.name} {r.change:+.1%}" for r in regressed)
                      + f" (tolerance {tolerance:.0%})")
     else:
-        lines.append(f"no performance regression (tolerance {tolerance:.0%}, {len(rows)} benchmark(s))")
+        stable = sum(r.verdict in ("OK", "IMPROVED") for r in rows)
+        lines.append(f"no performance regression (tolerance {tolerance:.0%}; {stable} stable, {len(unstable)} unstable "
+                     f"of {len(rows)} benchmark(s))")
     return "\n".join(lines)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gate", description=__doc__.split("\n\n")[0])
+    """`python -m benchmarks.gate BASE NEW`: print the report; 0 no regression, 1 regression, 2 bad input."""
+    parser = ArgumentParser(prog="python -m benchmarks.gate", description=__doc__.split("\n\n")[0])
     parser.add_argument("baseline", type=Path)
     parser.add_argument("new", type=Path)
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="slowdown that fails (0.10 = 10%%)")
     parser.add_argument("--max-spread", type=float, default=MAX_SPREAD, help="spread above which a benchmark is unstable")
-    parser.add_argument("--allow-device-mismatch", action="store_true")
+    parser.add_argument("--allow-device-mismatch", action="store_true",
+                        help="compare runs measured on another device/threads/clock/kernel (warns instead)")
     args = parser.parse_args(argv)
-    rows = compare(args.baseline, args.new, args.tolerance, args.max_spread, args.allow_device_mismatch)
+    rows, warnings = compare(args.baseline, args.new, args.tolerance, args.max_spread,
+                                           args.allow_device_mismatch)
+    for warning in warnings:
+        print(f"warning: {warning}")
     print(format_rows(rows, args.tolerance, args.max_spread))
     return 1 if any(r.verdict == "REGRESSED" for r in rows) else 0
 

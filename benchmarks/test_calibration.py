@@ -1,18 +1,19 @@
-"""The in-run calibration kernel: a fixed matmul whose median is the machine's speed tonight.
+"""The calibration kernel on its own: this run's speed of the machine, in the gate's units.
 
-The gate divides every other median by this one, so a slower or busier machine does not read as a
-regression. It also gives the matmul peak FLOP/s that the training step's utilisation is quoted against.
+Every other benchmark runs the same kernel between its rounds (benchmarks/timing.py) and is
+compared in multiples of it; this benchmark records the kernel's own time and achieved FLOP/s, and
+the gate refuses a run without it (a run that cannot say how fast its machine was that night).
 """
 
-import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.conftest import device, measure
-
-N = 1024  # matrix side: big enough for the BLAS peak, small enough to take milliseconds
+from benchmarks.timing import calibration_kernel, measure
 
 
-def test_calibration_matmul(benchmark):
-    a = torch.randn(N, N, device=device())
-    b = torch.randn(N, N, device=device())
-    median = measure(benchmark, lambda: a @ b, rounds=50, warmup=5)
-    benchmark.extra_info["tflops"] = 2 * N**3 / median / 1e12
+def test_calibration_kernel(benchmark):
+    kernel = calibration_kernel()
+    with FlopCounterMode(display=False) as counter:
+        kernel()
+    median = measure(benchmark, kernel, rounds=100, warmup=5, interleave=False, kernel=kernel.description)
+    benchmark.extra_info.update({"flops": counter.get_total_flops(),
+                                 "achieved_tflops": counter.get_total_flops() / median / 1e12})

@@ -5,7 +5,7 @@ a killed run never leaves a half-written checkpoint):
     generator.safetensors, discriminator.safetensors, <extra>.safetensors   model state dicts
     optim.pt                   {name: optimizer.state_dict()}, fp16's GradScaler too (weights_only load)
     rng-rank{i}.safetensors    every random state of process i (CPU, CUDA, data, latents)
-    meta.json                  step, config fingerprint, config, processes, precision (written last)
+    meta.json                  step, fingerprint, config, processes, precision, progress (written last)
 While the new directory replaces the old one, the old one waits as a hidden `.<name>.old` sibling;
 `find_checkpoint` resumes from it if the run was killed in that instant.
 """

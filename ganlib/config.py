@@ -33,7 +33,7 @@ class TrainConfig:
     beta1: float = 0.5            # Adam beta1 (DCGAN)
     beta2: float = 0.999          # Adam beta2
     ema_decay: float = 0.0        # EMA of G per step (e.g. 0.999); 0 = off; samples/eval use the EMA when on
-    seed: int = 0                 # seeds weights, data order and latents (per process: seed + rank)
+    seed: int = 0                 # seeds weights, data order and latents (each process its own stream)
     strategy: str = "scratch"     # transfer strategy (ganlib.strategies)
     strategy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"layers": 2}
     source: str = ""              # directory holding the source generator/discriminator .safetensors

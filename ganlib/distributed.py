@@ -12,16 +12,23 @@ from accelerate.utils import broadcast_object_list
 from ganlib.errors import UserError
 
 
-def make_accelerator(mixed_precision: str = "") -> Accelerator:
+def make_accelerator(mixed_precision: str = "", compile: bool = False) -> Accelerator:
     """An Accelerator for this process; precision from the argument or from `accelerate launch`.
 
-    fp16 on a CPU is refused: Accelerate would silently run fp32 and the numbers would lie.
+    compile: have `prepare` torch.compile the networks (inductor); False leaves it to the launch
+    config (a setup's `dynamo_config`). fp16 on a CPU is refused: the numbers would lie.
     """
-    accelerator = Accelerator(mixed_precision=mixed_precision or None)
+    accelerator = Accelerator(mixed_precision=mixed_precision or None, dynamo_backend="inductor" if compile else None)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("fp16 mixed precision needs a GPU (on a CPU Accelerate would silently run fp32); "
                         "use bf16 or no on CPU")
     return accelerator
+
+
+def unwrap(accelerator: Accelerator, module: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under DDP and torch.compile wrappers, so that its state_dict keys are the
+    network's own (a compiled module's carry an `_orig_mod.` prefix that no source loader expects)."""
+    return accelerator.unwrap_model(module, keep_torch_compile=False)
 
 
 def gather_floats(accelerator: Accelerator, value: float) -> list[float]:
@@ -41,7 +48,7 @@ def broadcast_buffers(accelerator: Accelerator, modules: list[torch.nn.Module]) 
     if accelerator.num_processes == 1:
         return
     for module in modules:
-        for buffer in accelerator.unwrap_model(module).buffers():
+        for buffer in unwrap(accelerator, module).buffers():
             dist.broadcast(buffer.data, src=0)
 
 

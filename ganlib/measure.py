@@ -69,11 +69,12 @@ class StepClock:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank-interpolated percentile (q in [0, 100]) of a non-empty list."""
+    """Linearly interpolated percentile (q in [0, 100]) of a non-empty list (torch.quantile)."""
     return float(torch.tensor(values, dtype=torch.float64).quantile(q / 100.0))
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a new CUDA peak-memory window; a no-op on CPU, whose peak RSS cannot be reset."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

@@ -403,6 +403,7 @@ class Trainer:
             "timing/step_time_p90_ms": percentile(step_times, 90) * 1e3 if step_times else None,
             "timing/timed_steps": clock.timed_steps,
             "timing/timed_s": max(times_all),  # slowest process's summed timed step seconds: img_per_s's divisor
+            "timing/timed_s_per_process": times_all,
             "timing/train_s": self.train_seconds,
             "resources/peak_mem_gb": max(peaks),
             "resources/peak_mem_gb_per_process": peaks,

@@ -1,71 +1,111 @@
 #!/usr/bin/env bash
-# Nightly performance-regression run: the pytest-benchmark suite against its stored baseline, the
-# `nightly` matrix against its stored baseline, W&B upload when configured; exits non-zero on any
-# regression and names it.
+# Nightly performance-regression run: the pytest-benchmark suite against its stored baseline
+# (benchmarks/gate.py), the `nightly` matrix against its stored baseline (bench compare), W&B upload
+# of the matrix when configured. Names every regression; see docs/nightly.md.
 #
-#   scripts/nightly.sh                      compare with baselines/<device>/ (exit 1 on regression)
-#   scripts/nightly.sh --update-baseline    record new baselines for this device instead
+#   scripts/nightly.sh                      compare with baselines/<device>/
+#   scripts/nightly.sh --update-baseline    run, then record this run as the baselines for this device
+# Exit code: 0 no regression; 1 a regression, or a benchmark/cell failed; 2 nothing to compare with
+# (no baseline for this device, or a baseline measured another way).
 # Environment (all optional):
-#   NIGHTLY_BASELINES  baseline root (default baselines/)      NIGHTLY_OUT   output dir (default runs/nightly-<time>)
-#   NIGHTLY_BENCH_K    pytest -k filter for the benchmarks     NIGHTLY_MATRIX  matrix to run (default nightly; "none" skips it)
-#   NIGHTLY_WANDB      W&B mode for the matrix (default auto)   NIGHTLY_TOLERANCE  benchmark slowdown that fails (0.10)
+#   NIGHTLY_BASELINES   baseline root (default baselines; baselines live in <root>/<device>/)
+#   NIGHTLY_OUT         output directory (default runs/nightly-<date>-<time>)
+#   NIGHTLY_BENCH_K     pytest -k filter for the benchmarks (the calibration benchmark always runs)
+#   NIGHTLY_MATRIX      matrix to run (default nightly; "none" skips the matrix)
+#   NIGHTLY_WANDB       W&B mode for the matrix (default auto: online with credentials, else offline)
+#   NIGHTLY_TOLERANCE   normalised benchmark slowdown that fails (default 0.10)
+#   NIGHTLY_MATRIX_THROUGHPUT_TOL  matrix img/s drop that fails (bench compare --throughput-tol, default 0.10)
+#   NIGHTLY_SKIP_SETUP  1 = use .venv as it is (do not run scripts/setup_env.sh)
+#   GANBENCH_BENCH_THREADS  torch/BLAS threads of the benchmarks (default 1; recorded, must match the baseline)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 update=0
 for arg in "$@"; do
   case "$arg" in
     --update-baseline) update=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $arg (expected --update-baseline)" >&2; exit 2 ;;
   esac
 done
-bash scripts/setup_env.sh >/dev/null
+[ "${NIGHTLY_SKIP_SETUP:-0}" = 1 ] || bash scripts/setup_env.sh >/dev/null
 PY=.venv/bin/python
-device=$($PY -c "from benchmarks.conftest import device_name; import re; print(re.sub('[^A-Za-z0-9._-]+', '_', device_name()))")
+device=$($PY -c "import re; from benchmarks.timing import device_name; print(re.sub('[^A-Za-z0-9.-]+', '_', device_name()).strip('_'))")
 base_dir=${NIGHTLY_BASELINES:-baselines}/$device
 out=${NIGHTLY_OUT:-runs/nightly-$(date +%Y%m%d-%H%M%S)}
 matrix=${NIGHTLY_MATRIX:-nightly}
 tolerance=${NIGHTLY_TOLERANCE:-0.10}
-mkdir -p "$out" "$base_dir"
-export GANBENCH_CACHE=${GANBENCH_CACHE:-$PWD/.cache/ganbench}
+
+if [ $update = 0 ]; then  # fail before an hour of work, not after it
+  missing=()
+  [ -f "$base_dir/benchmarks.json" ] || missing+=("$base_dir/benchmarks.json")
+  [ "$matrix" = none ] || [ -f "$base_dir/matrix/results.jsonl" ] || missing+=("$base_dir/matrix/results.jsonl")
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "[nightly] error: no baseline for $device (${missing[*]}); record one on this machine with scripts/nightly.sh --update-baseline" >&2
+    exit 2
+  fi
+fi
+mkdir -p "$out"
+status=0
+fail() { [ "$1" -gt "$status" ] && status=$1; return 0; }  # keep the worst exit code seen
+summary=()
 
 echo "[nightly] benchmarks on $device -> $out/benchmarks.json"
 kargs=()
-[ -n "${NIGHTLY_BENCH_K:-}" ] && kargs=(-k "$NIGHTLY_BENCH_K")
-compare_args=()
-if [ $update = 0 ] && [ -f "$base_dir/benchmarks.json" ]; then
-  # pytest-benchmark's own side-by-side table, and a backstop for gross raw slowdowns (25%); the
-  # calibrated, stability-aware gate below is the one that decides at the 10% level.
-  mkdir -p "$out/storage/baseline"
-  cp "$base_dir/benchmarks.json" "$out/storage/baseline/0001_baseline.json"
-  compare_args=(--benchmark-storage="file://$out/storage" --benchmark-compare=0001 --benchmark-compare-fail=median:25%)
-fi
-status=0
+[ -n "${NIGHTLY_BENCH_K:-}" ] && kargs=(-k "test_calibration_kernel or ($NIGHTLY_BENCH_K)")
+bench_ok=1
 $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-only --benchmark-json="$out/benchmarks.json" \
-  --benchmark-columns=median,iqr,rounds "${compare_args[@]}" "${kargs[@]}" || status=1
+  --benchmark-columns=median,rounds --benchmark-sort=name "${kargs[@]}" || bench_ok=0
+if [ $bench_ok = 0 ]; then summary+=("benchmark suite failed (see the pytest output)"); fail 1; fi
 
+matrix_ok=1
 if [ "$matrix" != none ]; then
   echo "[nightly] matrix $matrix -> $out/matrix"
-  .venv/bin/bench run "$matrix" --out "$out/matrix" --wandb "${NIGHTLY_WANDB:-auto}" || status=1
+  .venv/bin/bench run "$matrix" --out "$out/matrix" --wandb "${NIGHTLY_WANDB:-auto}" || matrix_ok=0
+  if [ $matrix_ok = 0 ]; then summary+=("matrix $matrix: a cell failed (see $out/matrix)"); fail 1; fi
 fi
 
 if [ $update = 1 ]; then
-  cp "$out/benchmarks.json" "$base_dir/benchmarks.json"
-  if [ "$matrix" != none ]; then rm -rf "$base_dir/matrix"; cp -r "$out/matrix" "$base_dir/matrix"; fi
-  echo "[nightly] baseline recorded in $base_dir"
-  exit $status
-fi
-if [ ! -f "$base_dir/benchmarks.json" ]; then
-  echo "[nightly] error: no baseline for $device in $base_dir; record one with scripts/nightly.sh --update-baseline" >&2
-  exit 2
-fi
-$PY -m benchmarks.gate "$base_dir/benchmarks.json" "$out/benchmarks.json" --tolerance "$tolerance" || status=1
-if [ "$matrix" != none ]; then
-  if [ -d "$base_dir/matrix" ]; then
-    .venv/bin/bench compare "$base_dir/matrix" "$out/matrix" --json "$out/compare.json" || status=1
-  else
-    echo "[nightly] no matrix baseline in $base_dir/matrix; record one with --update-baseline" >&2; status=1
+  if [ $bench_ok = 0 ] || [ $matrix_ok = 0 ]; then
+    echo "[nightly] error: not recording a baseline from a run that failed: ${summary[*]}" >&2
+    exit 1
   fi
+  mkdir -p "$base_dir"
+  cp "$out/benchmarks.json" "$base_dir/benchmarks.json"
+  if [ "$matrix" != none ]; then
+    # bench compare reads results.jsonl only; the matrix and plan say what was run. No checkpoints.
+    rm -rf "$base_dir/matrix"
+    mkdir -p "$base_dir/matrix"
+    for f in results.jsonl matrix.yaml plan.json; do
+      [ -f "$out/matrix/$f" ] && cp "$out/matrix/$f" "$base_dir/matrix/$f"
+    done
+  fi
+  echo "[nightly] baseline recorded in $base_dir"
+  exit 0
 fi
-[ $status = 0 ] && echo "[nightly] OK: no regression" || echo "[nightly] FAILED: regression (see above)" >&2
+
+if [ -f "$out/benchmarks.json" ]; then
+  echo "[nightly] benchmarks against $base_dir/benchmarks.json (tolerance $tolerance)"
+  rc=0
+  $PY -m benchmarks.gate "$base_dir/benchmarks.json" "$out/benchmarks.json" --tolerance "$tolerance" \
+    | tee "$out/gate.txt" || rc=$?
+  [ $rc = 1 ] && summary+=("$(grep '^REGRESSED' "$out/gate.txt" || echo 'benchmarks regressed')")
+  [ $rc -gt 1 ] && summary+=("benchmarks: cannot compare with the baseline (see above)")
+  fail $rc
+fi
+if [ "$matrix" != none ] && [ -f "$out/matrix/results.jsonl" ]; then
+  echo "[nightly] matrix against $base_dir/matrix"
+  rc=0
+  .venv/bin/bench compare "$base_dir/matrix" "$out/matrix" --json "$out/compare.json" \
+    --throughput-tol "${NIGHTLY_MATRIX_THROUGHPUT_TOL:-0.10}" | tee "$out/compare.txt" || rc=$?
+  [ $rc = 1 ] && summary+=("matrix: $(grep '^REGRESSED' "$out/compare.txt" || echo 'cells regressed')")
+  [ $rc -gt 1 ] && summary+=("matrix: cannot compare with the baseline (see above)")
+  fail $rc
+fi
+
+if [ $status = 0 ]; then
+  echo "[nightly] OK: no regression ($out)"
+else
+  echo "[nightly] FAILED ($out):" >&2
+  for line in "${summary[@]}"; do echo "  $line" >&2; done
+fi
 exit $status

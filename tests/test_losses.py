@@ -32,7 +32,8 @@ def test_nonsat_matches_binary_cross_entropy():
 
 def test_nonsat_by_hand():
     # D loss = mean log(1 + e^-real) + mean log(1 + e^fake); written out with math, not torch.
-    d = sum(math.log1p(math.exp(-r)) for r in REAL.tolist()) / 4 + sum(math.log1p(math.exp(f)) for f in FAKE.tolist()) / 4
+    d = (sum(math.log1p(math.exp(-r)) for r in REAL.tolist()) / 4
+         + sum(math.log1p(math.exp(f)) for f in FAKE.tolist()) / 4)
     g = sum(math.log1p(math.exp(-f)) for f in FAKE.tolist()) / 4
     assert LOSSES.get("nonsat").d_loss(REAL, FAKE).item() == pytest.approx(d, rel=1e-6)
     assert LOSSES.get("nonsat").g_loss(FAKE).item() == pytest.approx(g, rel=1e-6)
@@ -40,7 +41,8 @@ def test_nonsat_by_hand():
 
 def test_hinge_by_hand():
     loss = LOSSES.get("hinge")
-    # real: relu(1 - [2, -1, .5, 0]) = [0, 2, .5, 1] -> 0.875; fake: relu(1 + [-3, 1.5, .2, 4]) = [0, 2.5, 1.2, 5] -> 2.175
+    # real: relu(1 - [2, -1, .5, 0]) = [0, 2, .5, 1] -> 0.875
+    # fake: relu(1 + [-3, 1.5, .2, 4]) = [0, 2.5, 1.2, 5] -> 2.175
     assert loss.d_loss(REAL, FAKE).item() == pytest.approx(0.875 + 2.175)
     assert loss.g_loss(FAKE).item() == pytest.approx(-(-3.0 + 1.5 + 0.2 + 4.0) / 4)
 
