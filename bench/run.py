@@ -33,7 +33,8 @@ from bench.results import append_record, load_records, results_path
 from ganlib.checkpoint import atomic_write_text
 from ganlib.errors import UserError
 
-RELAUNCHES = 1           # a dead launch is started again this many times
+RELAUNCHES = 1
+THREADS_KEY = "threads_per_process"  # a setup key of ours (not Accelerate's): OMP/torch threads per process           # a dead launch is started again this many times
 LOCK_FILE = ".bench.lock"  # held by the `bench run` working on a run directory
 
 
@@ -66,7 +67,7 @@ def launch_config(setup: SetupSpec, run_dir: Path, base_config: Path | None) -> 
     config: dict = {}
     if base_config is not None and base_config.is_file():
         config = yaml.safe_load(base_config.read_text()) or {}
-    config.update(setup.accelerate)
+    config.update({k: v for k, v in setup.accelerate.items() if k != THREADS_KEY})
     config.setdefault("compute_environment", "LOCAL_MACHINE")
     config.setdefault("num_machines", 1)
     config.setdefault("machine_rank", 0)
@@ -91,8 +92,11 @@ def launch(setup: SetupSpec, run_dir: Path, base_config: Path | None, wandb_args
     env[worker.PARENT_ENV] = str(os.getpid())  # the workers exit when this process dies (see worker.py)
     if setup.use_cpu:
         env["ACCELERATE_USE_CPU"] = "1"  # plain --cpu with several processes silently runs one
-        if setup.num_processes > 1:
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // setup.num_processes)))
+    threads = setup.accelerate.get(THREADS_KEY)
+    if threads is None and setup.use_cpu and setup.num_processes > 1:
+        threads = max(1, (os.cpu_count() or 1) // setup.num_processes)
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(run_dir / "launch" / f"{setup.name}.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
