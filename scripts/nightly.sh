@@ -14,16 +14,18 @@
 #   NIGHTLY_MATRIX      matrix to run (default nightly; "none" skips the matrix)
 #   NIGHTLY_WANDB       W&B mode for the matrix (default auto: online with credentials, else offline)
 #   NIGHTLY_TOLERANCE   normalised benchmark slowdown that fails (default 0.10)
-#   NIGHTLY_MATRIX_THROUGHPUT_TOL  matrix img/s drop that fails (bench compare --throughput-tol, default 0.10)
+#   NIGHTLY_MATRIX_THROUGHPUT_TOL  matrix img/s drop that fails (bench compare --throughput-tol; default
+#                       0.10 on a GPU, 0.99 = not gated on a CPU, where the suite's calibrated numbers gate speed)
 #   NIGHTLY_SKIP_SETUP  1 = use .venv as it is (do not run scripts/setup_env.sh)
 #   GANBENCH_BENCH_THREADS  torch/BLAS threads of the benchmarks (default 1; recorded, must match the baseline)
 set -euo pipefail
+{ # bash reads the whole block before running it: editing or pulling this file mid-run cannot derail the run
 cd "$(dirname "$0")/.."
 update=0
 for arg in "$@"; do
   case "$arg" in
     --update-baseline) update=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $arg (expected --update-baseline)" >&2; exit 2 ;;
   esac
 done
@@ -34,6 +36,13 @@ base_dir=${NIGHTLY_BASELINES:-baselines}/$device
 out=${NIGHTLY_OUT:-runs/nightly-$(date +%Y%m%d-%H%M%S)}
 matrix=${NIGHTLY_MATRIX:-nightly}
 tolerance=${NIGHTLY_TOLERANCE:-0.10}
+# The matrix's img/s is wall-clock time. On a shared CPU it measures the neighbours (unchanged reruns
+# differed by up to -96% on our 2-core box), so there the calibrated suite gates speed and the matrix
+# gates quality, memory and failures.
+case "$device" in
+  cpu_*) matrix_throughput_tol=${NIGHTLY_MATRIX_THROUGHPUT_TOL:-0.99} ;;
+  *) matrix_throughput_tol=${NIGHTLY_MATRIX_THROUGHPUT_TOL:-0.10} ;;
+esac
 
 if [ $update = 0 ]; then  # fail before an hour of work, not after it
   missing=()
@@ -96,7 +105,7 @@ if [ "$matrix" != none ] && [ -f "$out/matrix/results.jsonl" ]; then
   echo "[nightly] matrix against $base_dir/matrix"
   rc=0
   .venv/bin/bench compare "$base_dir/matrix" "$out/matrix" --json "$out/compare.json" \
-    --throughput-tol "${NIGHTLY_MATRIX_THROUGHPUT_TOL:-0.10}" | tee "$out/compare.txt" || rc=$?
+    --throughput-tol "$matrix_throughput_tol" | tee "$out/compare.txt" || rc=$?
   [ $rc = 1 ] && summary+=("matrix: $(grep '^REGRESSED' "$out/compare.txt" || echo 'cells regressed')")
   [ $rc -gt 1 ] && summary+=("matrix: cannot compare with the baseline (see above)")
   fail $rc
@@ -109,3 +118,4 @@ else
   for line in "${summary[@]}"; do echo "  $line" >&2; done
 fi
 exit $status
+}
