@@ -32,6 +32,7 @@ FID_SPREAD_FLOOR = 0.01  # fraction of the baseline mean FID; the smallest sprea
 
 VERDICTS = ("OK", "REGRESSED", "IMPROVED", "NEW", "MISSING", "FAILED")
 _SEED_SUFFIX = re.compile(r"-s\d+$")
+_THREADS = re.compile(r", \d+ threads?(?=\))")  # the CPU thread count in a device name
 _DEVICE_INDEX = re.compile(r":\d+$")
 
 
@@ -225,8 +226,10 @@ def _env_values(group: list[dict], key: str) -> set:
 
 
 def _device_kinds(group: list[dict]) -> set[str]:
-    """Device names without their index or count: ["cuda:0", "cuda:1"] -> {"cuda"}."""
-    return {_DEVICE_INDEX.sub("", str(d)) for devices in _env_values(group, "devices") for d in devices}
+    """Device names without index, count or thread setting: ["cuda:0", "cuda:1"] -> {"cuda"};
+    "cpu (x86_64, 2 threads)" -> "cpu (x86_64)" (threads are a launch setting, not the hardware)."""
+    return {_THREADS.sub("", _DEVICE_INDEX.sub("", str(d))) for devices in _env_values(group, "devices")
+            for d in devices}
 
 
 def _env_warnings(base_groups, new_groups, shared, allow_device_mismatch) -> list[str]:
