@@ -21,7 +21,8 @@ import torch
 from torchvision.utils import save_image
 
 from bench.env import environment, host_environment
-from bench.matrix import Cell, Matrix, native_channels
+from bench.matrix import Cell, Matrix
+from ganlib.train import native_channels
 from ganlib.data import load_images, to_float
 from ganlib.errors import UserError
 from ganlib.flops import matmul_peak_flops, precision_dtype

@@ -23,6 +23,7 @@ from ganlib.extractors import EXTRACTORS
 from ganlib.metrics import MIN_SAMPLES
 from ganlib.nets import NETWORKS, NetConfig, build_networks
 from ganlib.strategies import STRATEGIES, build_strategy
+from ganlib.train import native_channels
 
 PRESETS_DIR = importlib.resources.files("bench") / "presets"   # packaged matrix presets
 SETUPS_DIR = importlib.resources.files("bench") / "setups"     # packaged hardware setups
@@ -161,10 +162,6 @@ class Matrix:
         """The pretraining TrainConfig of a cell's source (shared by every strategy of the pair)."""
         return self.train_config(cell, data=str(cell.pair.source), strategy="scratch", strategy_options={},
                                  steps=self.source_steps, eval_every=0, **overrides)
-
-
-def native_channels(spec: DataSpec) -> int:
-    return 3 if spec.name == FOLDER else DATASETS.get(spec.name).channels
 
 
 # ---------------------------------------------------------------------------------------------
