@@ -14,8 +14,9 @@ UNSTABLE: a change within its spread is not judged, but a slowdown beyond its ow
 A baseline measured on another device, or with another thread count, allocator mode, clock or
 calibration kernel is refused; another torch/CUDA version is reported but compared.
 
-    python -m benchmarks.gate BASELINE.json NEW.json [--tolerance 0.10] [--max-spread 0.07]
-Exit code: 0 no regression, 1 regression (named), 2 unusable input.
+    python -m benchmarks.gate BASELINE.json NEW.json [--tolerance 0.10] [--max-spread 0.07] [--regressed-ids F]
+Exit code: 0 no regression, 1 regression (named), 2 unusable input. scripts/nightly.sh reruns the
+benchmarks named in --regressed-ids in a fresh process and fails only on regressions that reproduce.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def normalised(data: dict, path: Path) -> dict[str, tuple[float, float]]:
     return out
 
 
+def node_ids(data: dict) -> dict[str, str]:
+    """name -> pytest node id (`benchmarks/test_x.py::test_y[param]`), to rerun a benchmark by itself."""
+    return {b["name"]: b.get("fullname", b["name"]) for b in data["benchmarks"]}
+
+
 def check_setups(base: dict, new: dict, allow_mismatch: bool = False) -> list[str]:
     """Refuse runs measured differently (UserError naming the difference); returns warnings."""
     b, n = setup_of(base), setup_of(new)
@@ -186,13 +192,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-spread", type=float, default=MAX_SPREAD, help="spread above which a benchmark is unstable")
     parser.add_argument("--allow-device-mismatch", action="store_true",
                         help="compare runs measured on another device/threads/clock/kernel (warns instead)")
+    parser.add_argument("--regressed-ids", type=Path, metavar="PATH",
+                        help="write the pytest node ids of the regressed benchmarks there (one a line), to rerun them")
     args = parser.parse_args(argv)
-    rows, warnings = compare(args.baseline, args.new, args.tolerance, args.max_spread,
-                                           args.allow_device_mismatch)
+    rows, warnings = compare(args.baseline, args.new, args.tolerance, args.max_spread, args.allow_device_mismatch)
     for warning in warnings:
         print(f"warning: {warning}")
     print(format_rows(rows, args.tolerance, args.max_spread))
-    return 1 if any(r.verdict == "REGRESSED" for r in rows) else 0
+    regressed = [r.name for r in rows if r.verdict == "REGRESSED"]
+    if args.regressed_ids:
+        ids = node_ids(load(args.new))
+        args.regressed_ids.write_text("".join(f"{ids.get(name, name)}\n" for name in regressed))
+    return 1 if regressed else 0
 
 
 if __name__ == "__main__":

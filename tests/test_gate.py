@@ -58,6 +58,18 @@ def test_regression_is_named_and_fails(tmp_path, capsys):
     assert last.startswith("REGRESSED: step +30.0%")
 
 
+def test_regressed_ids_name_the_benchmarks_to_rerun(tmp_path):
+    step = {**bench("test_step[a]", 10.0), "fullname": "benchmarks/test_step.py::test_step[a]"}
+    base = run_file(tmp_path, "base", [step, bench("fid", 50.0)])
+    new = run_file(tmp_path, "new", [{**step, "extra_info": {**step["extra_info"], "normalised": 14.0}},
+                                     bench("fid", 50.0)])
+    ids = tmp_path / "regressed.txt"
+    assert gate.main([base, new, "--regressed-ids", str(ids)]) == 1
+    assert ids.read_text() == "benchmarks/test_step.py::test_step[a]\n"
+    assert gate.main([base, base, "--regressed-ids", str(ids)]) == 0
+    assert ids.read_text() == ""
+
+
 def test_tolerance_is_the_boundary(tmp_path):
     base = run_file(tmp_path, "base", [bench("step", 10.0)])
     new = run_file(tmp_path, "new", [bench("step", 10.8)])

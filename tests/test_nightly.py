@@ -70,4 +70,6 @@ def test_injected_slowdown_fails_and_names_the_benchmark(recorded):
     assert result.returncode == 1, output(result)
     regressed = [line for line in output(result).splitlines() if "REGRESSED:" in line]
     assert regressed and all(STEP in line for line in regressed)
+    assert f"confirming 1 regression(s) in a fresh process: benchmarks/test_train_step.py::{STEP}" in result.stdout
+    assert f"REGRESSED (reproduced): {STEP}" in result.stderr  # the final summary names it
     assert "[nightly] FAILED" in result.stderr
