@@ -7,8 +7,8 @@ calibration kernel run next to that round (benchmarks/timing.py). A benchmark wi
 some other way) falls back to its median / the median of the calibration benchmark
 (`test_calibration_kernel`), which every run must contain.
 
-A benchmark regresses when its normalised median grew by more than `tolerance` and by more than
-its spread ((max - min) / min of its round-group medians, extra_info["spread"], the larger of the two
+A benchmark regresses when its normalised median grew by more than `tolerance` (or the wider
+tolerance the benchmark declares, extra_info["tolerance"]) and by more than its spread ((max - min) / min of its round-group medians, extra_info["spread"], the larger of the two
 runs). Like TorchBench's stability check, a benchmark whose spread exceeds `max_spread` is reported
 UNSTABLE: a change within its spread is not judged, but a slowdown beyond its own noise still fails.
 A baseline measured on another device, or with another thread count, allocator mode, clock or
@@ -45,6 +45,7 @@ class Row:
     change: float        # new / base - 1 (positive = slower)
     spread: float        # the larger spread of the two runs
     verdict: str         # OK | REGRESSED | IMPROVED | UNSTABLE | NEW | MISSING
+    tolerance: float     # the tolerance applied: the gate's, or the benchmark's own when wider
 
 
 def load(path: Path) -> dict:
@@ -80,19 +81,20 @@ def device_of(data: dict) -> str:
     return str(setup_of(data)["device"])
 
 
-def _median(bench: dict) -> float:
+def median_seconds(bench: dict) -> float:
     """Median seconds per round on the benchmark's own clock (pytest-benchmark's wall median if absent)."""
     return float((bench.get("extra_info") or {}).get("median_s", bench["stats"]["median"]))
 
 
-def normalised(data: dict, path: Path) -> dict[str, tuple[float, float]]:
-    """name -> (median in calibration-kernel units, spread), for every benchmark but the calibration."""
+def normalised(data: dict, path: Path) -> dict[str, tuple[float, float, float]]:
+    """name -> (median in calibration-kernel units, spread, the benchmark's own tolerance or 0), for
+    every benchmark but the calibration."""
     by_name = {b["name"]: b for b in data["benchmarks"]}
     calib = next((b for n, b in by_name.items() if n.startswith(CALIBRATION)), None)
     if calib is None:
         raise UserError(f"{path}: has no {CALIBRATION} benchmark (the machine's speed that run); "
                         "run the whole suite, or include it in -k")
-    scale = _median(calib)
+    scale = median_seconds(calib)
     out = {}
     for name, bench in by_name.items():
         if name.startswith(CALIBRATION):
@@ -100,12 +102,12 @@ def normalised(data: dict, path: Path) -> dict[str, tuple[float, float]]:
         info = bench.get("extra_info") or {}
         value = info.get("normalised")
         if value is None:
-            value = _median(bench) / scale
+            value = median_seconds(bench) / scale
         spread = info.get("spread")
         if spread is None:
             stats = bench["stats"]
             spread = (stats["max"] - stats["min"]) / stats["min"] if stats["min"] > 0 else 0.0
-        out[name] = (float(value), float(spread))
+        out[name] = (float(value), float(spread), float(info.get("tolerance") or 0.0))
     return out
 
 
@@ -142,13 +144,14 @@ def compare(baseline: Path, new: Path, tolerance: float = TOLERANCE, max_spread:
     rows = []
     for name in sorted(set(base) | set(cur)):
         if name not in base or name not in cur:
-            rows.append(Row(name, base.get(name, (math.nan, 0))[0], cur.get(name, (math.nan, 0))[0],
-                            math.nan, 0.0, "NEW" if name not in base else "MISSING"))
+            rows.append(Row(name, base.get(name, (math.nan,))[0], cur.get(name, (math.nan,))[0],
+                            math.nan, 0.0, "NEW" if name not in base else "MISSING", tolerance))
             continue
-        (b, bs), (n, ns) = base[name], cur[name]
+        (b, bs, bt), (n, ns, nt) = base[name], cur[name]
         change = n / b - 1.0
         spread = max(bs, ns)
-        threshold = max(tolerance, spread)  # a change the benchmark's own noise cannot explain
+        tol = max(tolerance, bt, nt)  # a benchmark may declare a wider tolerance (benchmarks/timing.py)
+        threshold = max(tol, spread)  # a change the benchmark's own noise cannot explain
         if change > threshold:
             verdict = "REGRESSED"
         elif change < -threshold:
@@ -157,24 +160,25 @@ def compare(baseline: Path, new: Path, tolerance: float = TOLERANCE, max_spread:
             verdict = "UNSTABLE"
         else:
             verdict = "OK"
-        rows.append(Row(name, b, n, change, spread, verdict))
+        rows.append(Row(name, b, n, change, spread, verdict, tol))
     return rows, warnings
 
 
 def format_rows(rows: list[Row], tolerance: float, max_spread: float) -> str:
     """The gate's report: a table, the unstable benchmarks, and a last line naming any regression."""
     width = max([len(r.name) for r in rows] + [9])
-    lines = [f"{'benchmark':<{width}}  {'base':>9}  {'new':>9}  {'change':>8}  {'spread':>7}  verdict",
+    lines = [f"{'benchmark':<{width}}  {'base':>9}  {'new':>9}  {'change':>8}  {'spread':>7}  {'tol':>4}  verdict",
              f"{'':<{width}}  (medians in calibration-kernel units)"]
     for r in rows:
-        lines.append(f"{r.name:<{width}}  {r.base:9.3f}  {r.new:9.3f}  {r.change:+8.1%}  {r.spread:7.1%}  {r.verdict}")
+        lines.append(f"{r.name:<{width}}  {r.base:9.3f}  {r.new:9.3f}  {r.change:+8.1%}  {r.spread:7.1%}  "
+                     f"{r.tolerance:4.0%}  {r.verdict}")
     regressed = [r for r in rows if r.verdict == "REGRESSED"]
     unstable = [r.name for r in rows if r.verdict == "UNSTABLE"]
     if unstable:
         lines.append(f"unstable (spread > {max_spread:.0%}: only a change beyond the spread counts): {', '.join(unstable)}")
     if regressed:
-        lines.append("REGRESSED: " + "; ".join(f"{r.name} {r.change:+.1%}" for r in regressed)
-                     + f" (tolerance {tolerance:.0%})")
+        lines.append("REGRESSED: " + "; ".join(f"{r.name} {r.change:+.1%} (tolerance {r.tolerance:.0%})"
+                                               for r in regressed))
     else:
         stable = sum(r.verdict in ("OK", "IMPROVED") for r in rows)
         lines.append(f"no performance regression (tolerance {tolerance:.0%}; {stable} stable, {len(unstable)} unstable "

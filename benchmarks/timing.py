@@ -201,7 +201,7 @@ def group_spread(values: list[float], groups: int = GROUPS) -> float:
 
 
 def measure(benchmark, fn: Callable[[], None], *, images_per_call: int = 0, rounds: int = 50,
-            warmup: int = 3, interleave: bool = True, **info) -> float:
+            warmup: int = 3, interleave: bool = True, tolerance: float | None = None, **info) -> float:
     """Benchmark `fn` (one call = one round, device-synchronised); returns the median seconds per call.
 
     Seconds are on `round_clock()` (CPU time on a CPU, wall time on a GPU), as is img_per_s.
@@ -209,6 +209,7 @@ def measure(benchmark, fn: Callable[[], None], *, images_per_call: int = 0, roun
     rounds:          timed rounds, rounded down to a multiple of GROUPS (at least 2 per group).
     interleave:      run the calibration kernel before each round and record time ratios (only the
                      calibration benchmark itself turns this off).
+    tolerance:       a wider slowdown tolerance for this benchmark than the gate's (say why where used).
     info:            recorded in extra_info as given (what was measured: net, batch, precision...).
     """
     slowdown = injected_slowdown(benchmark.name)
@@ -249,6 +250,8 @@ def measure(benchmark, fn: Callable[[], None], *, images_per_call: int = 0, roun
                       "calibration_s": statistics.median(kernels)})
     else:
         extra["spread"] = group_spread(times)
+    if tolerance is not None:
+        extra["tolerance"] = tolerance
     extra.update(info)
     if images_per_call:
         extra["img_per_s"] = images_per_call / median

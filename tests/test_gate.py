@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from benchmarks import gate
+from benchmarks import baseline, gate
 from benchmarks.timing import group_spread, injected_slowdown
 from ganlib.errors import UserError
 
@@ -75,6 +75,16 @@ def test_tolerance_is_the_boundary(tmp_path):
     new = run_file(tmp_path, "new", [bench("step", 10.8)])
     assert verdicts(gate.compare(base, new)[0]) == {"step": "OK"}
     assert verdicts(gate.compare(base, new, tolerance=0.05)[0]) == {"step": "REGRESSED"}
+
+
+def test_benchmark_declared_tolerance_widens_its_gate(tmp_path):
+    base = run_file(tmp_path, "base", [bench("draw", 1.0, tolerance=0.25), bench("step", 10.0)])
+    within = run_file(tmp_path, "within", [bench("draw", 1.2, tolerance=0.25), bench("step", 12.0)])
+    beyond = run_file(tmp_path, "beyond", [bench("draw", 1.3, tolerance=0.25), bench("step", 10.0)])
+    assert verdicts(gate.compare(base, within)[0]) == {"draw": "OK", "step": "REGRESSED"}
+    rows, _ = gate.compare(base, beyond, tolerance=0.05)  # a tighter gate does not undercut the benchmark's own
+    assert verdicts(rows) == {"draw": "REGRESSED", "step": "OK"}
+    assert next(r for r in rows if r.name == "draw").tolerance == 0.25
 
 
 def test_improvement_does_not_fail(tmp_path):
@@ -186,3 +196,25 @@ def test_injected_slowdown_matches_exact_names_and_globs(monkeypatch):
     assert injected_slowdown("test_train_step[mlp28-finetune-fp32]") == 0.0
     monkeypatch.delenv("GANBENCH_BENCH_SLOWDOWN")
     assert injected_slowdown(name) == 0.0
+
+
+def test_baseline_takes_each_benchmarks_median_run(tmp_path):
+    runs = [run_file(tmp_path, f"run{i}", [bench("step", step), bench("fid", fid)], calib_median=calib)
+            for i, (step, fid, calib) in enumerate([(10.0, 52.0, 0.003), (12.0, 50.0, 0.001), (11.0, 60.0, 0.002)])]
+    merged = baseline.merge(runs)
+    by_name = {b["name"]: b for b in merged["benchmarks"]}
+    assert by_name["step"]["extra_info"]["normalised"] == 11.0
+    assert by_name["fid"]["extra_info"]["normalised"] == 52.0
+    assert by_name["step"]["extra_info"]["baseline_values"] == [10.0, 12.0, 11.0]
+    assert gate.median_seconds(by_name[gate.CALIBRATION]) == 0.002
+    out = tmp_path / "baseline.json"
+    assert baseline.main([str(out), *runs]) == 0
+    rows, _ = gate.compare(str(out), runs[1])  # a merged baseline is an ordinary run file for the gate
+    assert verdicts(rows) == {"step": "OK", "fid": "OK"}
+
+
+def test_baseline_refuses_runs_measured_differently(tmp_path):
+    one = run_file(tmp_path, "one", [bench("step", 10.0)])
+    other = run_file(tmp_path, "other", [bench("step", 10.0)], threads=2)
+    with pytest.raises(UserError, match="other.json: .*threads"):
+        baseline.merge([one, other])

@@ -38,7 +38,7 @@ def output(result: subprocess.CompletedProcess) -> str:
 def recorded(tmp_path_factory) -> Path:
     """A temporary baseline root holding one recorded run of the subset."""
     tmp = tmp_path_factory.mktemp("nightly")
-    result = nightly(tmp, "update", "--update-baseline")
+    result = nightly(tmp, "update", "--update-baseline", NIGHTLY_BASELINE_RUNS="2")
     assert result.returncode == 0, output(result)
     assert "baseline recorded in" in result.stdout
     return tmp
@@ -51,10 +51,12 @@ def test_no_baseline_fails_before_running(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was run
 
 
-def test_update_records_the_subset_with_the_calibration(recorded):
+def test_update_records_the_subset_with_the_calibration_over_two_runs(recorded):
     (device_dir,) = (recorded / "baselines").iterdir()
-    names = {b["name"] for b in json.loads((device_dir / "benchmarks.json").read_text())["benchmarks"]}
-    assert names == {"test_calibration_kernel", STEP}
+    benchmarks = json.loads((device_dir / "benchmarks.json").read_text())["benchmarks"]
+    assert {b["name"] for b in benchmarks} == {"test_calibration_kernel", STEP}
+    step = next(b for b in benchmarks if b["name"] == STEP)
+    assert len(step["extra_info"]["baseline_values"]) == 2  # the median of two runs
     assert not (device_dir / "matrix").exists()  # NIGHTLY_MATRIX=none records no matrix baseline
 
 
