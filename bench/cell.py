@@ -22,13 +22,12 @@ from torchvision.utils import save_image
 
 from bench.env import environment, host_environment
 from bench.matrix import Cell, Matrix
-from ganlib.train import native_channels
 from ganlib.data import load_images, to_float
 from ganlib.errors import UserError
 from ganlib.flops import matmul_peak_flops, precision_dtype
 from ganlib.metrics import MetricConfig, evaluate_generator
 from ganlib.pretrain import pretrain_source, source_meta
-from ganlib.train import TrainingDiverged, train
+from ganlib.train import TrainingDiverged, native_channels, train
 
 FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom[;...]", injects a failure at run time
 FAULTS = ("nan", "option", "oom")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from ganlib.data import to_uint8
-from ganlib.distributed import broadcast_object, gather_floats
+from ganlib.distributed import broadcast_object, gather_floats, unwrap
 from ganlib.errors import UserError
 from ganlib.extractors import EXTRACTORS, ExtractorInfo, resolve_weights, weights_fingerprint
 
@@ -260,7 +260,7 @@ def evaluate_generator(accelerator, G: torch.nn.Module, real: torch.Tensor, real
     if cfg.num_samples < accelerator.num_processes:
         raise UserError(f"metrics num_samples={cfg.num_samples} is below the {accelerator.num_processes} "
                         "processes; every process must generate at least one sample")
-    model = accelerator.unwrap_model(G)
+    model = unwrap(accelerator, G)
     was_training = model.training
     rank, world = accelerator.process_index, accelerator.num_processes
     local_n = _share(cfg.num_samples, world, rank)

@@ -119,7 +119,7 @@ def pretrain_source(cfg: TrainConfig, cache_dir: Path | None = None, accelerator
     """
     cfg.validate()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    accelerator = accelerator or make_accelerator(cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg.mixed_precision, compile=cfg.compile)
     fields = source_key_fields(cfg, accelerator.num_processes, accelerator.mixed_precision)
     key = source_key(cfg, accelerator.num_processes, accelerator.mixed_precision)
     entry = cache_dir / key
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default="", help="source cache directory; default $GANBENCH_CACHE/sources")
     args = parser.parse_args(argv)
     cfg = from_arguments(args)
-    accelerator = make_accelerator(cfg.mixed_precision)
+    accelerator = make_accelerator(cfg.mixed_precision, compile=cfg.compile)
     entry, hit = pretrain_source(cfg, Path(args.cache_dir) if args.cache_dir else None, accelerator)
     if accelerator.is_main_process:
         cost = source_meta(entry)["pretrain_s"]
