@@ -11,6 +11,9 @@ from typing import Any
 from ganlib.errors import UserError
 
 
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines one training run (with the seed, it fixes the result on CPU)."""
@@ -39,7 +42,7 @@ class TrainConfig:
     source: str = ""              # directory holding the source generator/discriminator .safetensors
     mixed_precision: str = ""     # no | bf16 | fp16; "" = whatever `accelerate launch` configured
     compile: bool = False         # torch.compile the networks (cache in $TORCHINDUCTOR_CACHE_DIR)
-    channels_last: bool = False   # NHWC memory format for conv networks
+    memory_format: str = "auto"   # conv nets: channels_last | contiguous | auto (channels_last on CPU only)
     out: str = "runs/train"       # output directory
     ckpt_every: int = 0           # checkpoint every N steps (0 = only at the end)
     resume: bool = False          # continue from out/checkpoint if present
@@ -60,6 +63,8 @@ class TrainConfig:
                 raise UserError(f"{name}={getattr(self, name)} must be >= 0")
         if self.channels not in (0, 1, 3):
             raise UserError(f"channels={self.channels} must be 1, 3 or 0 (the dataset's own)")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise UserError(f"memory_format={self.memory_format!r} must be one of {', '.join(MEMORY_FORMATS)}")
         if self.mixed_precision not in ("", "no", "bf16", "fp16"):
             raise UserError(f"mixed_precision={self.mixed_precision!r} must be one of no, bf16, fp16")
         if not 0.0 <= self.ema_decay < 1.0:

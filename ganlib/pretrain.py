@@ -41,7 +41,7 @@ KEY_VERSION = 1               # bump when the meaning of a cached source changes
 # part of the key: a needless cache miss costs time, a wrong hit gives wrong weights.
 _NOT_IN_KEY = frozenset({
     "out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every",
-    "data_root", "download", "compile", "channels_last", "strategy", "strategy_options", "source",
+    "data_root", "download", "compile", "memory_format", "strategy", "strategy_options", "source",
     "mixed_precision",  # replaced by the precision the accelerator actually runs
 })
 

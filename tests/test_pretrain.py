@@ -73,7 +73,7 @@ def test_key_follows_everything_that_determines_the_weights():
     assert source_key(base, num_processes=2) != key
     same = dict(out="x", resume=True, progress=True, ckpt_every=5, log_every=9, warmup_steps=3, eval_every=4,
                 data_root="/elsewhere", strategy="cdc", strategy_options={"pairs": 8}, source="s",
-                channels_last=True, data="mnist5k:classes=4,0-3", channels=1)
+                memory_format="channels_last", data="mnist5k:classes=4,0-3", channels=1)
     for name, value in same.items():
         assert source_key(dataclasses.replace(base, **{name: value})) == key, name
     assert source_key(base, mixed_precision="") == source_key(base, mixed_precision="no")

@@ -453,3 +453,17 @@ def test_compiled_run_writes_weights_a_transfer_can_load(tmp_path):
 
 def test_compile_flag_asks_accelerate_for_inductor():
     assert make_accelerator("no", compile=True).state.dynamo_plugin.backend == "INDUCTOR"
+
+
+@pytest.mark.parametrize("memory_format, nhwc", [("auto", True), ("channels_last", True), ("contiguous", False)])
+def test_memory_format_auto_is_channels_last_on_cpu(memory_format, nhwc, tmp_path):
+    from ganlib.config import TrainConfig
+    from ganlib.train import Trainer
+
+    AcceleratorState._reset_state(True)
+    cfg = TrainConfig(width=8, batch=8, data="mnist5k:classes=0-1:n=64", steps=1, out=str(tmp_path),
+                      progress=False, memory_format=memory_format)
+    trainer = Trainer(cfg, make_accelerator("no"))
+    conv_weights = [p for m in (trainer.G, trainer.D) for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1]
+    assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) == nhwc for p in conv_weights)
+    trainer.step(0)  # and a step runs in that format

@@ -6,6 +6,8 @@ D: strided convs, each block Conv2d (+ BatchNorm2d from the second block on) + L
 halving the resolution and doubling the channels; head Conv2d over the last map -> one logit.
 Convs followed by BatchNorm carry no bias (BN's shift does that job).
 Init as in the paper: conv weights N(0, 0.02), BN weight N(1, 0.02), biases 0.
+G's first conv (1x1 latent map -> k x k) and D's head (a conv over the whole last map) are dense
+layers: they run as matmuls (ganlib.nets.whole_map), with the same parameters.
 
 Resolutions (G from the latent side; D mirrors it from the image side):
   28 px: z -> 7x7 -> 14 -> 28         D: 28 -> 14 -> 7 -> 4 -> logit
@@ -18,6 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from ganlib.nets import Discriminator, Generator, NetConfig, NetFamily
+from ganlib.nets.whole_map import LatentConvTranspose2d, WholeMapConv2d
 
 LEAK = 0.2  # LeakyReLU negative slope in D
 INIT_STD = 0.02  # std of the N(0, .) conv init and N(1, .) BN-scale init
@@ -32,7 +35,8 @@ _PLANS = {
 
 
 def _up(c_in: int, c_out: int, kernel: int = 4, stride: int = 2, padding: int = 1) -> nn.Module:
-    return nn.Sequential(nn.ConvTranspose2d(c_in, c_out, kernel, stride, padding, bias=False),
+    conv_type = LatentConvTranspose2d if (stride, padding) == (1, 0) else nn.ConvTranspose2d
+    return nn.Sequential(conv_type(c_in, c_out, kernel, stride, padding, bias=False),
                          nn.BatchNorm2d(c_out), nn.ReLU())
 
 
@@ -70,7 +74,7 @@ def build(cfg: NetConfig) -> tuple[Generator, Discriminator]:
     d_channels = [cfg.channels] + [w * 2 ** i for i in range(len(plan["d_kernels"]))]
     d_blocks = [_down(d_channels[i], d_channels[i + 1], norm=i > 0, kernel=k)
                 for i, k in enumerate(plan["d_kernels"])]
-    d_head = nn.Sequential(nn.Conv2d(d_channels[-1], 1, 4, 1, 0), nn.Flatten(0))  # [N,1,1,1] -> [N]
+    d_head = nn.Sequential(WholeMapConv2d(d_channels[-1], 1, 4, 1, 0), nn.Flatten(0))  # [N,1,1,1] -> [N]
 
     G = Generator(g_blocks, g_head, cfg.latent_dim, shape)
     D = Discriminator(d_blocks, d_head, shape)
