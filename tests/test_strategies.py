@@ -459,7 +459,7 @@ DDP_SCRIPT = textwrap.dedent('''
             s = captured["strategy"]
             mods = {"generator": captured["G"], "discriminator": captured["D"],
                     **s.extra_g_modules, **s.extra_d_modules}
-            flat = {f"{stem}/{n}": t for stem, m in mods.items() for n, t in params(m).items()}
+            flat = {f"{stem}/{n}": t.contiguous() for stem, m in mods.items() for n, t in params(m).items()}
             save_file(flat, str(out_root / f"{name}-rank{rank}-step{step}.safetensors"))
 
         cfg = TrainConfig(net="dcgan", size=28, width=8, latent_dim=16, batch=8, steps=%(steps)d,
