@@ -15,8 +15,12 @@ SETUP = {"device": "cpu Test CPU x2", "threads": 1, "allocator": "keep", "clock"
          "torch": "2.14.1", "cuda": None}
 
 
-def bench(name: str, normalised: float | None = None, spread: float = 0.02, median: float = 0.01, **info) -> dict:
-    """One pytest-benchmark entry as benchmarks/timing.measure() writes it."""
+def bench(name: str, normalised: float | None = None, spread: float = 0.02, median: float | None = None,
+          **info) -> dict:
+    """One pytest-benchmark entry as benchmarks/timing.measure() writes it (by default the raw median
+    moves with the normalised one: a machine of unchanged speed)."""
+    if median is None:
+        median = normalised / 1000 if normalised is not None else 0.01
     extra = {**SETUP, "spread": spread, "median_s": median, **info}
     if normalised is not None:
         extra["normalised"] = normalised
@@ -61,7 +65,7 @@ def test_regression_is_named_and_fails(tmp_path, capsys):
 def test_regressed_ids_name_the_benchmarks_to_rerun(tmp_path):
     step = {**bench("test_step[a]", 10.0), "fullname": "benchmarks/test_step.py::test_step[a]"}
     base = run_file(tmp_path, "base", [step, bench("fid", 50.0)])
-    new = run_file(tmp_path, "new", [{**step, "extra_info": {**step["extra_info"], "normalised": 14.0}},
+    new = run_file(tmp_path, "new", [{**step, "extra_info": {**step["extra_info"], "normalised": 14.0, "median_s": 0.014}},
                                      bench("fid", 50.0)])
     ids = tmp_path / "regressed.txt"
     assert gate.main([base, new, "--regressed-ids", str(ids)]) == 1
@@ -85,6 +89,18 @@ def test_benchmark_declared_tolerance_widens_its_gate(tmp_path):
     rows, _ = gate.compare(base, beyond, tolerance=0.05)  # a tighter gate does not undercut the benchmark's own
     assert verdicts(rows) == {"draw": "REGRESSED", "step": "OK"}
     assert next(r for r in rows if r.name == "draw").tolerance == 0.25
+
+
+def test_slower_in_calibration_units_only_is_not_a_regression(tmp_path, capsys):
+    # The calibration kernel sped up, the benchmark's own time did not move: the kernel, not our code.
+    base = run_file(tmp_path, "base", [bench("step", 10.0, median=0.010)])
+    new = run_file(tmp_path, "new", [bench("step", 13.0, median=0.0101)])
+    (row,), _ = gate.compare(base, new)
+    assert row.verdict == "OK" and row.change == pytest.approx(0.3) and row.raw_change == pytest.approx(0.01)
+    assert gate.main([base, new]) == 0
+    assert "slower in calibration units only" in capsys.readouterr().out
+    slower = run_file(tmp_path, "slower", [bench("step", 13.0, median=0.0125)])  # and 25% slower raw
+    assert verdicts(gate.compare(base, slower)[0]) == {"step": "REGRESSED"}
 
 
 def test_improvement_does_not_fail(tmp_path):
