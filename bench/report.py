@@ -93,6 +93,11 @@ def _bars(ax, groups: list[str], series: list[str], stat_for, colors: dict, ylab
         ax.bar(xs, means, width * 0.92, yerr=errs, capsize=3, label=name,
                color=colors.get(name), edgecolor="white")
     ax.set_xticks(range(len(groups)), groups)
+    if len(groups) > 4:  # strategy names side by side overlap ("freeze_dtwo_phase"): slant them
+        ax.tick_params(axis="x", labelrotation=30)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+            label.set_rotation_mode("anchor")
     ax.set_ylabel(ylabel)
     ax.grid(axis="x", visible=False)
 
