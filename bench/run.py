@@ -169,7 +169,10 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
     else:
         matrix = load_matrix(matrix_ref)
         cells = filter_cells(matrix.cells(), only)
-        run_dir, run_id = new_run_dir(matrix, out)
+        if external_launch() and not dry_run:
+            run_dir, run_id = out, None  # named by the main process alone (_run_in_process_group)
+        else:
+            run_dir, run_id = new_run_dir(matrix, out)
     if dry_run:
         print(f"{len(cells)} cell(s) of matrix {matrix.name!r} (source {matrix.source_steps} steps, "
               f"transfer {matrix.transfer_steps} steps):")
@@ -275,13 +278,30 @@ def _forget_failed(run_dir: Path) -> None:
     atomic_write_text(results_path(run_dir), text)
 
 
-def _run_in_process_group(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], resuming: bool,
-                          wandb_mode: str, wandb_project: str, wandb_entity: str | None,
+def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | None, cells: list[Cell],
+                          resuming: bool, wandb_mode: str, wandb_project: str, wandb_entity: str | None,
                           cache_dir: Path | None) -> int:
-    """Under the user's launcher: one synthetic setup describing this launch; cells run right here."""
-    from ganlib.distributed import make_accelerator, shutdown
+    """Under the user's launcher: one synthetic setup describing this launch; cells run right here.
+
+    run_id None: a new run, `run_dir` the --out given or None; the main process names the run and
+    checks the directory, and every process takes its answer (each rank checking for an existing
+    plan would race with the main process writing it, and clocks may name different directories).
+    """
+    from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 
     accelerator = make_accelerator()
+    if run_id is None:
+        chosen: tuple[Path, str] | str = ""
+        if accelerator.is_main_process:
+            try:
+                chosen = new_run_dir(matrix, run_dir)
+            except UserError as err:
+                chosen = str(err)
+        chosen = broadcast_object(accelerator, chosen)
+        if isinstance(chosen, str):
+            shutdown(accelerator)
+            raise UserError(chosen)
+        run_dir, run_id = chosen
     name = (f"launch-{accelerator.num_processes}x{accelerator.device.type}-{accelerator.mixed_precision}")
     setup_file = run_dir / "launch" / f"{name}.yaml"
     if accelerator.is_main_process:

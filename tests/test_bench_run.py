@@ -404,3 +404,33 @@ def test_scratch_cell_records_no_source(one_process):
     assert m["timing/source_pretrain_s"] is None and m["timing/source_cache_hit"] is None
     assert not (run_dir.parent / "cache" / "sources").exists()
     assert (run_dir / record["artifacts"]["samples"]).is_file()
+
+
+# --- under the user's own launcher (how multi-node runs go) ---------------------------------------
+
+def launch_two(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`accelerate launch` of two CPU processes (DDP over gloo) running `python -m bench ...`."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(run_module.free_port()),
+           "-m", "bench", *args, "--wandb", "disabled"]
+    return subprocess.run(cmd, cwd=cwd, env={**env, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_bench_under_the_users_launch_runs_its_cells_in_that_process_group(tmp_path, cache):
+    matrix_file = write(tmp_path / "ext.yaml", tiny_matrix(name="ext", strategies=["scratch"], setups=["cpu-1proc"]))
+    proc = launch_two(["run", str(matrix_file)], tmp_path, bench_env(cache))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()  # one directory, named by the main process for both
+    (record,) = records_of(run_dir)
+    assert record["status"] == "ok" and record["setup"] == "launch-2xcpu-no", record["reason"]
+    assert record["env"]["num_processes"] == 2 and record["metrics"]["timing/img_per_s"] > 0
+    assert (run_dir / "report.html").is_file() and "Grad strides" not in proc.stderr
+
+    # the same directory again: refused on every process with one line, promptly, nothing changed
+    before = (run_dir / "results.jsonl").read_text()
+    proc = launch_two(["run", str(matrix_file), "--out", str(run_dir)], tmp_path, bench_env(cache))
+    assert proc.returncode != 0 and proc.stderr.count("already holds a run") == 2, proc.stderr[-3000:]
+    assert (run_dir / "results.jsonl").read_text() == before
