@@ -34,7 +34,7 @@ from ganlib.errors import UserError, exit_on_user_error
 from ganlib.train import native_channels, train
 
 CACHE_ENV = "GANBENCH_CACHE"  # root of every ganbench cache; sources live in its `sources/` subdir
-KEY_VERSION = 1               # bump when the meaning of a cached source changes (e.g. the loop's maths)
+KEY_VERSION = 2  # bump when a cached source would come out different (2: NHWC on CPU, whole-map matmuls)
 
 # TrainConfig fields that do not change the weights (where files go, logging, timing) or that are
 # replaced for pretraining (strategy, source). Every other field, including ones added later, is
