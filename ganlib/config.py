@@ -41,7 +41,7 @@ class TrainConfig:
     strategy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"layers": 2}
     source: str = ""              # directory holding the source generator/discriminator .safetensors
     mixed_precision: str = ""     # no | bf16 | fp16; "" = whatever `accelerate launch` configured
-    compile: bool = False         # torch.compile the networks (cache in $TORCHINDUCTOR_CACHE_DIR)
+    compile: bool = False         # torch.compile the networks (kernels cached in $GANBENCH_CACHE/inductor)
     memory_format: str = "auto"   # conv nets: channels_last | contiguous | auto (channels_last on CPU only)
     out: str = "runs/train"       # output directory
     ckpt_every: int = 0           # checkpoint every N steps (0 = only at the end)

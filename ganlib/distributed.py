@@ -7,8 +7,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DynamoBackend, broadcast_object_list
 
+from ganlib.cache import use_compile_cache
 from ganlib.errors import UserError
 
 
@@ -19,6 +20,8 @@ def make_accelerator(mixed_precision: str = "", compile: bool = False) -> Accele
     config (a setup's `dynamo_config`). fp16 on a CPU is refused: the numbers would lie.
     """
     accelerator = Accelerator(mixed_precision=mixed_precision or None, dynamo_backend="inductor" if compile else None)
+    if accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:  # compiling: keep the kernels for reruns
+        use_compile_cache()
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UserError("fp16 mixed precision needs a GPU (on a CPU Accelerate would silently run fp32); "
                         "use bf16 or no on CPU")

@@ -29,12 +29,12 @@ import torch_fidelity
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
+from ganlib.cache import cache_root
 from ganlib.data import to_uint8
 from ganlib.distributed import broadcast_object, gather_floats, unwrap
 from ganlib.errors import UserError
 from ganlib.extractors import EXTRACTORS, ExtractorInfo, resolve_weights, weights_fingerprint
 
-CACHE_ENV = "GANBENCH_CACHE"
 MIN_SAMPLES = 10          # below this FID/KID/PR are meaningless (PR needs > 3 neighbours per set)
 KID_SUBSET_MAX = 1000     # torch-fidelity's default KID subset size, used when enough images exist
 NONFINITE_REASON = "generator produced NaN/inf images"
@@ -67,8 +67,7 @@ class MetricConfig:
 
     def stats_dir(self) -> Path:
         """Directory of cached real-image features."""
-        root = self.cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ganbench"
-        return Path(root).expanduser() / "stats"
+        return cache_root(self.cache_dir) / "stats"
 
 
 class ImageTensorDataset(Dataset):

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ganlib import checkpoint as ckpt
+from ganlib.cache import cache_root
 from ganlib.config import TrainConfig, add_arguments, from_arguments
 from ganlib.data import DataSpec
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
 from ganlib.train import native_channels, train
 
-CACHE_ENV = "GANBENCH_CACHE"  # root of every ganbench cache; sources live in its `sources/` subdir
 KEY_VERSION = 2  # bump when a cached source would come out different (2: NHWC on CPU, whole-map matmuls)
 
 # TrainConfig fields that do not change the weights (where files go, logging, timing) or that are
@@ -48,7 +48,7 @@ _NOT_IN_KEY = frozenset({
 
 def default_cache_dir() -> Path:
     """`$GANBENCH_CACHE/sources`, or `~/.cache/ganbench/sources` when the variable is unset."""
-    return Path(os.environ.get(CACHE_ENV) or "~/.cache/ganbench").expanduser() / "sources"
+    return cache_root() / "sources"
 
 
 def source_config(cfg: TrainConfig) -> TrainConfig:

@@ -24,7 +24,7 @@ from PIL import Image
 
 import bench.run as run_module
 from bench.__main__ import main as bench_main
-from bench.cell import FAULT_ENV, LOG_FILE, run_cell
+from bench.cell import FAULT_ENV, run_cell
 from bench.matrix import load_matrix, parse_matrix
 from bench.results import load_records
 from ganlib.distributed import make_accelerator

@@ -455,6 +455,28 @@ def test_compile_flag_asks_accelerate_for_inductor():
     assert make_accelerator("no", compile=True).state.dynamo_plugin.backend == "INDUCTOR"
 
 
+def test_compiling_keeps_kernels_in_the_ganbench_cache_unless_told_otherwise(tmp_path, monkeypatch):
+    monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    AcceleratorState._reset_state(True)
+    make_accelerator("no")  # not compiling: inductor's settings untouched
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    AcceleratorState._reset_state(True)
+    make_accelerator("no", compile=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir, default_cache_dir
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    assert cache_dir() == default_cache_dir()  # torch writes its default into the variable as it looks
+    AcceleratorState._reset_state(True)
+    make_accelerator("no", compile=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    AcceleratorState._reset_state(True)
+    make_accelerator("no", compile=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+    AcceleratorState._reset_state(True)
+
+
 @pytest.mark.parametrize("memory_format, nhwc", [("auto", True), ("channels_last", True), ("contiguous", False)])
 def test_memory_format_auto_is_channels_last_on_cpu(memory_format, nhwc, tmp_path):
     from ganlib.config import TrainConfig
