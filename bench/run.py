@@ -33,8 +33,8 @@ from bench.results import append_record, load_records, results_path
 from ganlib.checkpoint import atomic_write_text
 from ganlib.errors import UserError
 
-RELAUNCHES = 1
-THREADS_KEY = "threads_per_process"  # a setup key of ours (not Accelerate's): OMP/torch threads per process           # a dead launch is started again this many times
+RELAUNCHES = 1  # a dead launch is started again this many times
+THREADS_KEY = "threads_per_process"  # a setup key of ours (not Accelerate's): OMP/torch threads per process
 LOCK_FILE = ".bench.lock"  # held by the `bench run` working on a run directory
 
 

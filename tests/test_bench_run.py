@@ -73,6 +73,13 @@ def bench(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 300) -
                           text=True, timeout=timeout)
 
 
+def start_bench_run(matrix_file: Path, run_dir: Path, env: dict[str, str], **popen) -> subprocess.Popen:
+    """`bench run MATRIX --out RUN_DIR` in the background (cwd: the matrix's folder), output as text."""
+    return subprocess.Popen([str(BENCH), "run", str(matrix_file), "--out", str(run_dir), "--wandb", "disabled"],
+                            cwd=matrix_file.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, **popen)
+
+
 def records_of(run_dir: Path) -> list[dict]:
     return load_records(run_dir) if (run_dir / "results.jsonl").exists() else []
 
@@ -289,9 +296,7 @@ def test_killed_worker_is_relaunched_and_finishes_without_rerunning_cells(tmp_pa
     matrix_file = write(tmp_path / "kill.yaml", tiny_matrix(name="kill", strategies=["finetune"], seeds=[0, 1, 2],
                                                              setups=["cpu-2proc"]))
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([str(BENCH), "run", str(matrix_file), "--out", str(run_dir), "--wandb", "disabled"],
-                            cwd=tmp_path, env=bench_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = start_bench_run(matrix_file, run_dir, bench_env(cache))
     try:
         wait_for(lambda: len(records_of(run_dir)) >= 1, proc, "the first record")
         pid = int((run_dir / "launch" / "cpu-2proc.pid").read_text())
@@ -315,9 +320,7 @@ def test_killed_bench_leaves_no_worker_and_resume_finishes_the_rest(tmp_path, ca
     matrix_file = write(tmp_path / "group.yaml", tiny_matrix(name="group", strategies=["scratch"], seeds=[0, 1, 2],
                                                               setups=["cpu-1proc"]))
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([str(BENCH), "run", str(matrix_file), "--out", str(run_dir), "--wandb", "disabled"],
-                            cwd=tmp_path, env=bench_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    proc = start_bench_run(matrix_file, run_dir, bench_env(cache), start_new_session=True)
     try:
         wait_for(lambda: len(records_of(run_dir)) >= 1, proc, "the first record")
         worker_pid = int((run_dir / "launch" / "cpu-1proc.pid").read_text())
