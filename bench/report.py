@@ -281,7 +281,8 @@ def _samples(run_dir: Path, records: list[dict]) -> str:
 
 def _verdict_html(v: Verdict) -> str:
     cls = {True: "sig", False: "nosig"}.get(v.significant, "")
-    return f'<p class="verdict {cls}">{_text(v.text)}</p>'
+    versus = f'<br><span class="sd">{_text(v.versus_text)}</span>' if v.versus_text else ""
+    return f'<p class="verdict {cls}">{_text(v.text)}{versus}</p>'
 
 
 def _figure(path: Path, alt: str) -> str:

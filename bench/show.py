@@ -86,7 +86,10 @@ def format_table(records: Iterable[dict], per_cell: bool = False) -> str:
     verdict_list = verdicts(records)
     if verdict_list:
         out.append("verdicts (FID, lower is better):")
-        out += [f"  {v.text}" for v in verdict_list]
+        for v in verdict_list:
+            out.append(f"  {v.text}")
+            if v.versus_text:
+                out.append(f"    {v.versus_text}")
     return "\n".join(out).rstrip() + "\n"
 
 

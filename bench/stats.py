@@ -2,7 +2,9 @@
 
 For each (pair, setup) the strategy with the lowest mean FID is compared with the runner-up:
 the lead in FID points, whether mean ± std intervals overlap, and Welch's t-test (unequal
-variances, two-sided) when both have at least `MIN_SEEDS_FOR_TEST` seeds.
+variances, two-sided) when both have at least `MIN_SEEDS_FOR_TEST` seeds. The best strategy is
+also tested against every other one (`versus`): a close runner-up leaves the top spot open, but
+the run can still say which strategies the best one beats, and that is the answer people act on.
 """
 
 from __future__ import annotations
@@ -33,6 +35,23 @@ class Verdict:
     p_value: float | None            # Welch's t-test, two-sided (None: < 3 seeds on a side)
     significant: bool | None         # p < ALPHA; without a p-value, spreads apart; None: unknown
     text: str
+    versus: tuple[tuple[str, float], ...] = ()  # (other strategy, Welch p of best vs it), best-ranked first
+
+    @property
+    def beats(self) -> list[str]:
+        """Strategies the best one is significantly better than (Welch p < ALPHA)."""
+        return [name for name, p in self.versus if p < ALPHA]
+
+    @property
+    def versus_text(self) -> str:
+        """One line: whom the best beats and whom it cannot be told apart from ("" without t-tests)."""
+        if not self.versus:
+            return ""
+        beaten = [f"{n} (p={p:.2g})" for n, p in self.versus if p < ALPHA]
+        tied = [f"{n} (p={p:.2g})" for n, p in self.versus if p >= ALPHA]
+        parts = [f"beats {', '.join(beaten)}"] if beaten else []
+        parts += [f"not separable from {', '.join(tied)}"] if tied else []
+        return f"{self.best} " + "; ".join(parts)
 
 
 def compare(pair: str, setup: str, fid_by_strategy: dict[str, Stat]) -> Verdict:
@@ -70,8 +89,10 @@ def compare(pair: str, setup: str, fid_by_strategy: dict[str, Stat]) -> Verdict:
     pct = f", {lead_pct:.1f}%" if lead_pct is not None else ""
     text = (f"{head}: {best} best, FID {best_stat.format()} vs {runner} "
             f"{runner_stat.format()}: lead {lead:.2f}{pct}; {judgement}")
+    versus = tuple((name, p) for name, stat in ranked[1:]
+                   if (p := _welch_p(best_stat, stat)) is not None)
     return Verdict(pair, setup, best, runner, best_stat, runner_stat, lead, lead_pct, overlap,
-                   p_value, significant, text)
+                   p_value, significant, text, versus)
 
 
 def _spreads_overlap(a: Stat, b: Stat) -> bool | None:

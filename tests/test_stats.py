@@ -62,3 +62,15 @@ def test_failed_cells_do_not_vote():
     bad["metrics"]["quality/fid"] = 1.0  # a partial metric from a failed cell must not win
     [v] = verdicts(good + [bad])
     assert v.best == "finetune" and v.runner_up is None
+
+
+def test_best_is_tested_against_every_other_strategy():
+    # b and a cannot be told apart, but b clearly beats c: the verdict must say both.
+    v = compare("p", "s", {"a": stat_of([14.2, 14.9, 13.6]), "b": stat_of([14.0, 14.3, 13.9]),
+                           "c": stat_of([40.0, 41.0, 39.0])})
+    assert v.best == "b" and v.runner_up == "a" and v.significant is False
+    assert [name for name, _ in v.versus] == ["a", "c"]
+    assert v.beats == ["c"]
+    assert v.versus_text.startswith("b beats c (p=") and "not separable from a (p=" in v.versus_text
+    few = compare("p", "s", {"a": stat_of([10.0, 10.5]), "b": stat_of([20.0, 20.4])})
+    assert few.versus == () and few.versus_text == ""
