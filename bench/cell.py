@@ -193,6 +193,7 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         "timing/device_seconds": transfer_s * accelerator.num_processes,
         **_utilisation(accelerator, tm),
         **_time_to_target(result.curves.get("fid", []), m.target_fid),
+        **_best_curve_point(result.curves.get("fid", [])),
     })
     if accelerator.is_main_process:
         cell_dir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +216,17 @@ def _utilisation(accelerator, train_metrics: dict[str, Any]) -> dict[str, Any]:
     achieved = train_metrics.get("perf/achieved_tflops")
     peak = _PEAKS[precision] / 1e12
     return {"perf/peak_tflops": peak, "perf/peak_fraction": achieved / peak if achieved else None}
+
+
+def _best_curve_point(curve: list[dict[str, Any]]) -> dict[str, Any]:
+    """The lowest FID on the curve and its step: a transfer that peaks early and then degrades (D
+    overfitting n images) shows here, not in the final FID. Curve FIDs use `curve_samples`, so
+    compare them with the curve's last point, not with the final `quality/fid`."""
+    points = [p for p in curve if p.get("fid") is not None and math.isfinite(p["fid"])]
+    if not points:
+        return {"quality/curve_fid_best": None, "quality/curve_fid_best_step": None}
+    best = min(points, key=lambda p: p["fid"])
+    return {"quality/curve_fid_best": best["fid"], "quality/curve_fid_best_step": best["step"]}
 
 
 def _time_to_target(curve: list[dict[str, Any]], target: float | None) -> dict[str, Any]:

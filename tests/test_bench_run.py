@@ -194,6 +194,8 @@ def test_ok_record_carries_every_field(main_run, strategy, setup, procs):
         assert (m["timing/steps_to_target"], m["timing/time_to_target_s"]) == (reached[0]["step"], reached[0]["wall_s"])
     else:
         assert m["timing/steps_to_target"] is None and m["timing/time_to_target_s"] is None
+    best = min(curve, key=lambda p: p["fid"])
+    assert (m["quality/curve_fid_best"], m["quality/curve_fid_best_step"]) == (best["fid"], best["step"])
     assert r["curves"]["train"][-1]["step"] == TRANSFER_STEPS
     # environment
     env = r["env"]
