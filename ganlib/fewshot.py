@@ -146,7 +146,8 @@ def class_share_and_coverage(predicted: torch.Tensor, classes: tuple[int, ...]) 
         out["transfer/class_coverage"] = 0.0
         return out
     p = counts[counts > 0] / counts.sum()
-    out["transfer/class_coverage"] = float(-(p * p.log()).sum() / math.log(len(classes)))
+    entropy = -(p * p.log()).sum().item()
+    out["transfer/class_coverage"] = max(0.0, entropy / math.log(len(classes)))  # one class: 0.0, not -0.0
     return out
 
 

@@ -445,6 +445,8 @@ def test_bench_under_the_users_launch_runs_its_cells_in_that_process_group(tmp_p
     (record,) = records_of(run_dir)
     assert record["status"] == "ok" and record["setup"] == "launch-2xcpu-no", record["reason"]
     assert record["env"]["num_processes"] == 2 and record["metrics"]["timing/img_per_s"] > 0
+    assert 0 <= record["metrics"]["transfer/memorised_share"] <= 1  # scored on the main process, recorded once
+    assert (run_dir / record["artifacts"]["nearest"]).is_file()
     assert (run_dir / "report.html").is_file() and "Grad strides" not in proc.stderr
 
     # the same directory again: refused on every process with one line, promptly, nothing changed
