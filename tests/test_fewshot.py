@@ -149,3 +149,16 @@ def test_a_target_with_no_held_out_images_and_one_class():
     spread = score(load_images(every, 28, 1).images[:50], every)   # each sample its own shot: 50 singletons
     assert "transfer/diversity" not in spread and "two or more" in spread["transfer/diversity_reason"]
     assert (spread["transfer/diversity_clusters"], spread["transfer/diversity_singletons"]) == (0, 50)
+
+
+def test_lpips_is_used_only_when_package_and_weights_are_local(monkeypatch, tmp_path):
+    import importlib.util
+
+    from ganlib import fewshot
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real_find_spec(name, *a))
+    assert fewshot.lpips_distances() is None                       # no package
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "lpips" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    assert fewshot.lpips_distances() is None                       # a package but no AlexNet weights: no download
