@@ -1,9 +1,9 @@
 """Run one cell of the matrix in the current process group and turn it into a results record.
 
 A cell: pretrain the pair's source (cached), transfer with the cell's strategy while recording an
-FID curve, evaluate FID/KID/precision/recall and the transfer-fidelity metrics (ganlib.fewshot) once
-at the end, and save grids. Any exception in a
-cell becomes a `failed` record with a one-line reason; the matrix goes on.
+FID curve, evaluate FID/KID/precision/recall and the transfer-fidelity metrics (ganlib.fewshot)
+once at the end, and save grids. Any exception in a cell becomes a `failed` record with a one-line
+reason; the matrix goes on.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ import collections
 import hashlib
 import importlib.util
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -261,6 +262,7 @@ def transfer_metrics(fake: torch.Tensor, target: DataSpec, domain: ImageSet, ext
     domain as loaded for `replace(target, n=None)` (same size and channels as fake), with labels
     when the dataset has them. `lpips=False` forces feature-space diversity.
     """
+    t0 = time.perf_counter()
     kwargs = {"device": device, "batch_size": batch_size, "inception_weights": inception_weights}
     reason = class_metrics_reason(target, extractor, domain.labels is not None)
     with_logits = reason is None
@@ -303,6 +305,7 @@ def transfer_metrics(fake: torch.Tensor, target: DataSpec, domain: ImageSet, ext
                               extractor, device if lpips else None))
     else:
         out["transfer/fewshot_reason"] = reason
+    out["transfer/eval_s"] = time.perf_counter() - t0
     return TransferResult(out, nearest)
 
 

@@ -157,8 +157,12 @@ def test_lpips_is_used_only_when_package_and_weights_are_local(monkeypatch, tmp_
     from ganlib import fewshot
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lpips" else real_find_spec(name, *a))
+
+    def lpips_spec(spec):
+        return lambda name, *a: spec if name == "lpips" else real_find_spec(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lpips_spec(None))
     assert fewshot.lpips_distances() is None                       # no package
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "lpips" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec", lpips_spec(object()))
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     assert fewshot.lpips_distances() is None                       # a package but no AlexNet weights: no download
