@@ -1,8 +1,9 @@
 """Run one cell of the matrix in the current process group and turn it into a results record.
 
 A cell: pretrain the pair's source (cached), transfer with the cell's strategy while recording an
-FID curve, evaluate FID/KID/precision/recall once at the end, and save grids. Any exception in a
-cell becomes a `failed` record with a one-line reason; the matrix goes on.
+FID curve, evaluate FID/KID/precision/recall and the transfer-fidelity metrics (ganlib.fewshot)
+once at the end, and save grids. Any exception in a cell becomes a `failed` record with a one-line
+reason; the matrix goes on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bench.env import environment, host_environment
 from bench.matrix import Cell, Matrix
 from ganlib.data import load_images, to_float
 from ganlib.errors import UserError
+from ganlib.fewshot import training_positions, transfer_metrics
 from ganlib.flops import matmul_peak_flops, precision_dtype
 from ganlib.metrics import MetricConfig, evaluate_generator
 from ganlib.pretrain import pretrain_source, source_meta
@@ -33,6 +35,8 @@ FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom[;...
 FAULTS = ("nan", "option", "oom")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError
 LOG_FILE = "cell.log"          # per-cell log: what ran, how it ended, the traceback of a failure
 EVAL_SEED = 4242               # latents of every evaluation (the same for every cell, so curves compare)
+NEAREST_FILE = "nearest.png"   # few-shot cells: samples above their nearest training shots
+NEAREST_SHOWN = 8              # samples in nearest.png (the first of the final evaluation: typical ones)
 
 
 def identity(matrix: Matrix, cell: Cell, run_id: str) -> dict[str, Any]:
@@ -146,7 +150,8 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
     channels = native_channels(cell.pair.source)
 
     # the whole target domain for FID (few-shot training sees only n of it)
-    real = load_images(cell.pair.eval_target, network.size, channels).images
+    domain = load_images(cell.pair.eval_target, network.size, channels)
+    real = domain.images
     target = load_images(cell.pair.target, network.size, channels).images
     real_key = f"{cell.pair.eval_target}|{network.size}px|{channels}ch"
     m = matrix.metrics
@@ -175,10 +180,19 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         eval_seconds[0] += time.perf_counter() - t0
         return {"fid": result.get("quality/fid")} if "quality/fid" in result else None
 
+    def transfer_fidelity(fake: torch.Tensor) -> dict[str, Any]:
+        """Main process only: ganlib.fewshot's metrics of the final samples, and nearest.png."""
+        fidelity = transfer_metrics(fake, cell.pair.target, domain, m.extractor, device=accelerator.device,
+                                    inception_weights=m.inception_weights)
+        if fidelity.nearest is not None:
+            shots = real[training_positions(cell.pair.target, real.shape[0])]
+            _save_nearest(fake[:NEAREST_SHOWN], shots[fidelity.nearest[:NEAREST_SHOWN]], cell_dir / NEAREST_FILE)
+        return fidelity.metrics
+
     result = train(cfg, accelerator, eval_fn=curve_point if m.eval_every else None)
     t0 = time.perf_counter()
     quality = evaluate_generator(accelerator, result.generator, real, real_key, final_cfg, seed=EVAL_SEED,
-                                 transform_z=result.map_latent)
+                                 transform_z=result.map_latent, extra=transfer_fidelity)
     eval_seconds[0] += time.perf_counter() - t0
     if quality.get("quality/status") == "failed":
         raise TrainingDiverged(f"evaluation failed: {quality.get('quality/reason')}")
@@ -202,7 +216,15 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
     accelerator.wait_for_everyone()
     artifacts = {"dir": f"cells/{cell.id}", "samples": f"cells/{cell.id}/samples.png",
                  "real": f"cells/{cell.id}/real.png"}
+    if cell.pair.target.n is not None:  # the same decision transfer_metrics makes, known on every rank
+        artifacts["nearest"] = f"cells/{cell.id}/{NEAREST_FILE}"
     return metrics, result.curves, artifacts
+
+
+def _save_nearest(samples: torch.Tensor, shots: torch.Tensor, path: Path) -> None:
+    """Samples (top row) above the training image nearest to each (bottom row), uint8 [k, C, H, W] each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(to_float(torch.cat([samples, shots])) * 0.5 + 0.5, path, nrow=samples.shape[0], padding=1)
 
 
 _PEAKS: dict[str, float] = {}  # matmul peak FLOP/s per precision, measured once per launch

@@ -1,13 +1,17 @@
 """Compare two matrix runs cell by cell: the nightly performance-regression gate (`bench compare`).
 
 Records are matched by `cell_id` without its `-s{seed}` suffix; each metric is aggregated over the
-cell's ok seeds (mean, sample std). Three metrics are gated:
+cell's ok seeds (mean, sample std). Five metrics are gated:
 
 - `timing/img_per_s`: regression when new < baseline * (1 - throughput_tol).
 - `resources/peak_mem_gb`: regression when new > baseline * (1 + memory_tol).
 - `quality/fid`: regression when new > baseline + fid_spreads * spread, where
   spread = max(baseline std, new std, FID_SPREAD_FLOOR * baseline mean). The floor (1% of the
   baseline FID) stops a single seed (std 0), or seeds that happen to agree, from flagging noise.
+- `transfer/target_class_share` (higher is better) and `transfer/memorised_share` (lower is
+  better), shares in [0, 1] from ganlib.fewshot: regression when worse by more than share_tol
+  share points (absolute: a share near 0 has no meaningful relative change). A cell whose
+  target has no such metric (no classes, not few-shot) is not gated on it.
 
 A cell ok in the baseline with any failed seed in the new run is a regression (verdict FAILED).
 Cells on one side only are reported (NEW / MISSING) but do not fail the gate.
@@ -29,6 +33,8 @@ THROUGHPUT = "timing/img_per_s"
 MEMORY = "resources/peak_mem_gb"
 FID = "quality/fid"
 FID_SPREAD_FLOOR = 0.01  # fraction of the baseline mean FID; the smallest spread a FID check uses
+# Transfer-fidelity shares gated in absolute points: key -> higher is better.
+SHARES = {"transfer/target_class_share": True, "transfer/memorised_share": False}
 
 VERDICTS = ("OK", "REGRESSED", "IMPROVED", "NEW", "MISSING", "FAILED")
 _SEED_SUFFIX = re.compile(r"-s\d+$")
@@ -39,7 +45,7 @@ _DEVICE_INDEX = re.compile(r":\d+$")
 @dataclass
 class MetricChange:
     """One gated metric of one cell. `change` is relative (0.05 = +5%) for throughput and memory,
-    and in spreads for FID; None when either side lacks the metric."""
+    in spreads for FID and in share points (new - base) for SHARES; None when either side lacks it."""
 
     base: Stat | None
     new: Stat | None
@@ -82,6 +88,7 @@ class Comparison:
     fid_spreads: float
     cells: list[CellComparison]
     warnings: list[str] = field(default_factory=list)
+    share_tol: float = 0.05
 
     @property
     def regressed(self) -> bool:
@@ -175,6 +182,18 @@ def _fid(base: Stat | None, new: Stat | None, spreads: float) -> MetricChange:
     return change
 
 
+def _share(base: Stat | None, new: Stat | None, tol: float, higher_is_better: bool) -> MetricChange:
+    """Absolute change of a share in [0, 1], gated by `tol` share points."""
+    change = MetricChange(base, new)
+    if base is None or new is None:
+        return change
+    change.change = new.mean - base.mean
+    worse = -change.change if higher_is_better else change.change
+    change.regressed = worse > tol
+    change.improved = worse < -tol
+    return change
+
+
 def _first_reason(group: list[dict], status: str) -> str:
     """`seed 1: reason` of the first seed with this status, for the note column."""
     for record in group:
@@ -190,11 +209,13 @@ def _compare_cell(name, base, new, tols) -> CellComparison:
     ok_seeds = lambda group: None if group is None else sum(r.get("status") == "ok" for r in group)
     cell = CellComparison(name, "OK", b_status, n_status, ok_seeds(base), ok_seeds(new))
     if b_status == "ok" and n_status == "ok":
-        tp_tol, mem_tol, spreads = tols
+        tp_tol, mem_tol, spreads, share_tol = tols
         cell.metrics = {
             THROUGHPUT: _relative(_stats(base, THROUGHPUT), _stats(new, THROUGHPUT), tp_tol, True),
             MEMORY: _relative(_stats(base, MEMORY), _stats(new, MEMORY), mem_tol, False),
             FID: _fid(_stats(base, FID), _stats(new, FID), spreads),
+            **{key: _share(_stats(base, key), _stats(new, key), share_tol, higher)
+               for key, higher in SHARES.items()},
         }
         if any(m.regressed for m in cell.metrics.values()):
             cell.verdict = "REGRESSED"
@@ -256,12 +277,14 @@ def _env_warnings(base_groups, new_groups, shared, allow_device_mismatch) -> lis
 
 
 def compare_runs(baseline_dir, new_dir, throughput_tol: float = 0.10, memory_tol: float = 0.10,
-                 fid_spreads: float = 2.0, allow_device_mismatch: bool = False) -> Comparison:
+                 fid_spreads: float = 2.0, allow_device_mismatch: bool = False,
+                 share_tol: float = 0.05) -> Comparison:
     """Compare two run directories (each holding results.jsonl) cell by cell.
 
     throughput_tol: largest tolerated relative drop in mean img/s (0.10 = 10%).
     memory_tol:     largest tolerated relative growth in mean peak memory (GB).
     fid_spreads:    largest tolerated FID rise, in spreads (see the module docstring).
+    share_tol:      largest tolerated worsening of a SHARES metric, in share points (0.05 = 5 points).
     Raises UserError for a missing/empty run, no cells in common, bad tolerances, or a different
     device kind in a shared cell (unless allow_device_mismatch).
     """
@@ -271,6 +294,8 @@ def compare_runs(baseline_dir, new_dir, throughput_tol: float = 0.10, memory_tol
         raise UserError(f"memory tolerance {memory_tol} is negative; pass e.g. 0.10 for 10%")
     if fid_spreads <= 0:
         raise UserError(f"FID spreads {fid_spreads} must be positive; pass e.g. 2.0")
+    if not 0 <= share_tol < 1:
+        raise UserError(f"share tolerance {share_tol} is outside [0, 1); pass e.g. 0.05 for 5 points")
     base_groups = _group(_load_run(baseline_dir))
     new_groups = _group(_load_run(new_dir))
     shared = [name for name in base_groups if name in new_groups]
@@ -278,11 +303,11 @@ def compare_runs(baseline_dir, new_dir, throughput_tol: float = 0.10, memory_tol
         raise UserError(f"no cells in common between {str(baseline_dir)!r} and {str(new_dir)!r}; "
                         "compare two runs of the same matrix")
     warnings = _env_warnings(base_groups, new_groups, shared, allow_device_mismatch)
-    tols = (throughput_tol, memory_tol, fid_spreads)
+    tols = (throughput_tol, memory_tol, fid_spreads, share_tol)
     names = list(base_groups) + [name for name in new_groups if name not in base_groups]
     cells = [_compare_cell(name, base_groups.get(name), new_groups.get(name), tols) for name in names]
     return Comparison(str(baseline_dir), str(new_dir), throughput_tol, memory_tol, fid_spreads,
-                      cells, warnings)
+                      cells, warnings, share_tol)
 
 
 def _fmt_relative(change: MetricChange | None, digits: int) -> str:
@@ -303,25 +328,36 @@ def _fmt_fid(change: MetricChange | None) -> str:
     return text + f" ({change.new.mean - change.base.mean:+.2f}, {change.change:+.1f} spreads)"
 
 
+def _fmt_share(change: MetricChange | None) -> str:
+    """`0.92 -> 0.85 (-0.07)`, or `-` when either side lacks the metric."""
+    if change is None or change.base is None or change.new is None:
+        return "-"
+    return f"{change.base.mean:.2f} -> {change.new.mean:.2f} ({change.change:+.2f})"
+
+
 def _describe_regression(cell: CellComparison, key: str) -> str:
     """`img_per_s -15.0%` / `fid +4.1 spreads` / `newly failed` for the summary line."""
     if key == "status":
         return "newly failed"
     change = cell.metrics[key]
     short = key.split("/", 1)[1]
+    if key in SHARES:
+        return f"{short} {change.change:+.2f}"
     return f"{short} {change.change:+.1f} spreads" if key == FID else f"{short} {change.change:+.1%}"
 
 
 def format_comparison(cmp: Comparison) -> str:
     """Plain-text report: warnings, a column-aligned table (one row per cell), notes, a summary line."""
     header = ("cell", "seeds", "img/s base -> new", "peak mem GB base -> new",
-              "FID base -> new (delta, spreads)", "verdict")
+              "FID base -> new (delta, spreads)", "target classes base -> new",
+              "memorised base -> new", "verdict")
     rows = []
     for cell in cmp.cells:
         m = cell.metrics
         seeds = "/".join("-" if n is None else str(n) for n in (cell.base_seeds, cell.new_seeds))
         rows.append((cell.cell, seeds, _fmt_relative(m.get(THROUGHPUT), 1),
-                     _fmt_relative(m.get(MEMORY), 2), _fmt_fid(m.get(FID)), cell.verdict))
+                     _fmt_relative(m.get(MEMORY), 2), _fmt_fid(m.get(FID)),
+                     *(_fmt_share(m.get(key)) for key in SHARES), cell.verdict))
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     line = lambda row: "  ".join(text.ljust(w) for text, w in zip(row, widths)).rstrip()
     out = [f"warning: {w}" for w in cmp.warnings]
@@ -331,7 +367,8 @@ def format_comparison(cmp: Comparison) -> str:
         out += ["", "notes:", *notes]
     out += ["", f"thresholds: img/s drop > {cmp.throughput_tol:.0%}, peak mem growth > "
                 f"{cmp.memory_tol:.0%}, FID rise > {cmp.fid_spreads:g} spreads "
-                f"(spread = max(baseline std, new std, {FID_SPREAD_FLOOR:.0%} of baseline FID))"]
+                f"(spread = max(baseline std, new std, {FID_SPREAD_FLOOR:.0%} of baseline FID)), "
+                f"target-class share drop or memorised share rise > {cmp.share_tol:.2f}"]
     regressed = [f"{cell.cell} ({', '.join(_describe_regression(cell, k) for k in cell.regressions)})"
                  for cell in cmp.cells if cell.regressions]
     if regressed:
@@ -354,6 +391,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="tolerated relative growth in peak memory (default 0.10 = 10%%)")
     parser.add_argument("--fid-spreads", type=float, default=2.0,
                         help="tolerated FID rise in spreads (default 2.0)")
+    parser.add_argument("--share-tol", type=float, default=0.05,
+                        help="tolerated worsening of target-class or memorised share, in share points "
+                             "(default 0.05)")
     parser.add_argument("--allow-device-mismatch", action="store_true",
                         help="compare runs made on different device kinds (warns instead of refusing)")
     parser.add_argument("--json", metavar="PATH", help="also write the comparison as JSON to PATH")
@@ -368,7 +408,7 @@ def main_compare(argv: list[str] | None = None) -> int:
     """
     args = _parser().parse_args(argv)
     cmp = compare_runs(args.baseline, args.new, args.throughput_tol, args.memory_tol,
-                       args.fid_spreads, args.allow_device_mismatch)
+                       args.fid_spreads, args.allow_device_mismatch, args.share_tol)
     print(format_comparison(cmp), flush=True)
     if args.json:
         path = Path(args.json)

@@ -31,6 +31,8 @@ TABLE_COLUMNS = [
     ("peak memory (GB)", "resources/peak_mem_gb", ".2f"),
     ("wall time (s)", "timing/wall_s", ".1f"),
     ("device time (s)", "timing/device_seconds", ".1f"),
+    ("target classes ↑", "transfer/target_class_share", ".2f"),
+    ("memorised ↓", "transfer/memorised_share", ".2f"),
 ]
 ENV_COMMON = ("python", "torch", "accelerate", "cuda", "git_commit", "hostname")
 ENV_PER_SETUP = ("devices", "device_count", "num_processes", "mixed_precision")
@@ -80,7 +82,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def _bars(ax, groups: list[str], series: list[str], stat_for, colors: dict, ylabel: str) -> None:
-    """Grouped bars: one group per `groups` entry, one bar per `series` entry, std error bars."""
+    """Grouped bars: one group per `groups` entry, one bar per `series` entry, std error bars (n >= 2)."""
     width = 0.8 / max(1, len(series))
     for j, name in enumerate(series):
         xs, means, errs = [], [], []
@@ -89,9 +91,11 @@ def _bars(ax, groups: list[str], series: list[str], stat_for, colors: dict, ylab
             if stat is not None:
                 xs.append(i - 0.4 + width * (j + 0.5))
                 means.append(stat.mean)
-                errs.append(stat.std or 0.0)
-        ax.bar(xs, means, width * 0.92, yerr=errs, capsize=3, label=name,
-               color=colors.get(name), edgecolor="white")
+                errs.append(stat.std)
+        ax.bar(xs, means, width * 0.92, label=name, color=colors.get(name), edgecolor="white")
+        spread = [(x, m, e) for x, m, e in zip(xs, means, errs) if e is not None]
+        if spread:  # error bars only where a std exists (n >= 2 seeds): none beats a zero-length one
+            ax.errorbar(*zip(*spread), fmt="none", ecolor="black", elinewidth=1, capsize=3)
     ax.set_xticks(range(len(groups)), groups)
     if len(groups) > 4:  # strategy names side by side overlap ("freeze_dtwo_phase"): slant them
         ax.tick_params(axis="x", labelrotation=30)
@@ -172,6 +176,106 @@ def plot_pair(run_dir: Path, pair: str, records: list[dict], colors: dict) -> di
                        bbox_to_anchor=(1.01, 1.0))
     out["curves"] = _save(fig, Path(f"{base}-curves.png"))
     return out
+
+
+TRANSFER_BARS = (("transfer/target_class_share", "share in the target classes"),
+                 ("transfer/class_coverage", "class coverage (1 = all equally)"))
+MEMORISED_EXPECTED = 0.05   # memorised share of a generator of new images (ganlib.fewshot's quantile)
+
+
+def plot_transfer(run_dir: Path, pair: str, records: list[dict], colors: dict) -> dict[str, Path]:
+    """The "did it transfer" plots of one pair (only those it has metrics for); returns {kind: path}."""
+    stats = aggregate(records)
+    strategies = ordered_unique(r["strategy"] for r in records)
+    setups = ordered_unique(r["setup"] for r in records)
+
+    def stat(strategy, setup, key):
+        return stats.get((pair, strategy, setup), {}).get(key)
+
+    has = lambda key: any(stat(st, se, key) for st in strategies for se in setups)
+    out, base, plt = {}, run_dir / PLOTS_DIR / slug(pair), None
+    if has(TRANSFER_BARS[0][0]):
+        plt = _pyplot()
+        setup_colors = {s: plt.cm.Set2(i % 8) for i, s in enumerate(setups)}
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        for ax, (key, label) in zip(axes, TRANSFER_BARS):
+            _bars(ax, strategies, setups, lambda st, se, k=key: stat(st, se, k), setup_colors, label)
+            ax.set_ylim(0, 1.05)
+            ax.set_title(label.split(" (")[0].capitalize() + " by strategy")
+        axes[1].legend(title="setup", frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        out["classes"] = _save(fig, Path(f"{base}-transfer-classes.png"))
+    if has("transfer/memorised_share"):
+        plt = plt or _pyplot()
+        relative = has("transfer/diversity_vs_real")
+        x_key = "transfer/diversity_vs_real" if relative else "transfer/diversity"
+        markers = dict(zip(setups, "osD^vP*X"))
+        fig, ax = plt.subplots(figsize=(6.2, 4.2))
+        for strategy in strategies:
+            named = False
+            for setup in setups:
+                div, mem = stat(strategy, setup, x_key), stat(strategy, setup, "transfer/memorised_share")
+                if div is None or mem is None:
+                    continue
+                ax.errorbar(div.mean, mem.mean, xerr=div.std, yerr=mem.std, fmt=markers[setup],
+                            color=colors[strategy], capsize=3, ms=7)
+                if not named:  # one label per strategy; the marker shape tells the setups apart
+                    ax.annotate(strategy, (div.mean, mem.mean), textcoords="offset points", xytext=(6, 4),
+                                fontsize=9, color=colors[strategy])
+                    named = True
+        if len(setups) > 1:
+            for setup in setups:
+                ax.plot([], [], markers[setup], color="grey", label=setup)
+            ax.legend(title="setup", frameon=False, loc="center left")
+        ax.axhline(MEMORISED_EXPECTED, color="grey", lw=0.8, ls="--")
+        if relative:
+            ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlim(left=0)
+        for x, y, ha, va, text in ((0.02, 0.97, "left", "top", "copying"),
+                                   (0.98, 0.03, "right", "bottom", "good: new and diverse")):
+            ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="grey", style="italic")
+        ax.set_xlabel("intra-cluster diversity" + (" / held-out reals' (1 = as real)" if relative else ""))
+        ax.set_ylabel("memorised share (new images: ~0.05)")
+        ax.set_title("Memorisation vs diversity (down-right is good)")
+        out["memorisation"] = _save(fig, Path(f"{base}-transfer-memorisation.png"))
+    return out
+
+
+def _transfer_panel(run_dir: Path, sid: str, records: list[dict], plots: dict[str, Path]) -> str:
+    """The pair's "did it transfer" section: reasons for absent metrics, the plots, nearest shots."""
+    ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: r["seed"])
+    reasons = ordered_unique((r.get("metrics") or {}).get(k) for r in ok
+                             for k in ("transfer/class_metrics_reason", "transfer/fewshot_reason",
+                                       "transfer/memorisation_reason", "transfer/diversity_reason"))
+    notes = "".join(f'<p class="note">Not measured: {_text(reason)}.</p>' for reason in reasons if reason)
+    spaces = ordered_unique((r.get("metrics") or {}).get("transfer/diversity_space") for r in ok)
+    figs = []
+    for strategy in ordered_unique(r["strategy"] for r in records):
+        cell = next((r for r in ok if r["strategy"] == strategy and (r.get("artifacts") or {}).get("nearest")), None)
+        if cell is None:
+            continue
+        m = cell.get("metrics") or {}
+        facts = [f"{label} {m[key]:.2f}" for key, label in (("transfer/target_class_share", "target classes"),
+                                                           ("transfer/memorised_share", "memorised"))
+                 if isinstance(m.get(key), (int, float))]
+        figs.append(f"<figure>{_img(run_dir / cell['artifacts']['nearest'], cell['cell_id'])}"
+                    f"<figcaption><b>{_text(strategy)}</b> · {_text(cell['setup'])} · seed {cell['seed']}"
+                    f"<br>{_text(' · '.join(facts))}</figcaption></figure>")
+    if not (notes or plots or figs):
+        return ""
+    html_parts = [f'<h3 id="{sid}-transfer">Did it transfer?</h3>',
+                  '<p class="subtitle">Share of samples the classifier puts in the target classes and how '
+                  "evenly they cover them; memorised share = samples closer to a training shot than 95% of "
+                  "held-out real target images are (a copier: ~1, new images: ~0.05); diversity = CDC's "
+                  "intra-cluster distance" + (f" in {_text(', '.join(s for s in spaces if s))}" if any(spaces)
+                                              else "") + ".</p>", notes]
+    if plots:
+        html_parts.append('<div class="grid2">' + "".join(
+            f'<div class="half">{_figure(path, kind)}</div>' for kind, path in plots.items()) + "</div>")
+    if figs:
+        html_parts.append("<h4>Samples (top) above their nearest training shots (bottom)</h4>"
+                          f"<div class='samples nearest'>{''.join(figs)}</div>")
+    return "".join(html_parts)
 
 
 def _mean_curve(cells: list[dict], curve: str, key: str) -> tuple[list[int], list[float]]:
@@ -336,6 +440,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     for pair, pair_records in pairs.items():
         sid = f"pair-{slug(pair)}"
         plots = plot_pair(run_dir, pair, pair_records, colors)
+        transfer = _transfer_panel(run_dir, sid, pair_records, plot_transfer(run_dir, pair, pair_records, colors))
         first = pair_records[0]
         parts.append(
             f'<section id="{sid}"><h2>{_text(pair)}</h2><p class="subtitle">'
@@ -344,7 +449,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             f'<h3 id="{sid}-verdict">Verdict</h3>'
             + "".join(_verdict_html(v) for v in verdict_list if v.pair == pair)
             + f'<h3 id="{sid}-table">Results by strategy and setup</h3>'
-            + _pair_table(pair, pair_records, stats, counts) + _not_ok_lines(pair_records)
+            + _pair_table(pair, pair_records, stats, counts) + _not_ok_lines(pair_records) + transfer
             + '<div class="grid2">'
             + f'<div class="half"><h3 id="{sid}-fid">FID by strategy</h3>'
             + _figure(plots["fid"], "FID bars") + "</div>"

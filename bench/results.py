@@ -40,6 +40,12 @@ KEY_METRICS: dict[str, tuple[str, str, str]] = {
     "timing/device_seconds": ("device-s", "s", ".1f"),
     "timing/time_to_target_s": ("time to target", "s", ".1f"),
     "resources/peak_mem_gb": ("peak mem", "GB", ".2f"),
+    "transfer/target_class_share": ("target classes", "", ".2f"),
+    "transfer/class_coverage": ("coverage", "", ".2f"),
+    "transfer/memorised_share": ("memorised", "", ".2f"),
+    "transfer/nn_dist_ratio": ("NN dist ratio", "", ".2f"),
+    "transfer/diversity": ("diversity", "", ".3g"),
+    "transfer/diversity_vs_real": ("diversity / real", "", ".2f"),
 }
 
 

@@ -14,6 +14,9 @@ from bench.stats import verdicts
 COLUMNS = [
     ("FID", "quality/fid", ".2f", True),
     ("KID", "quality/kid_mean", ".4f", False),
+    ("target cls", "transfer/target_class_share", ".2f", False),
+    ("coverage", "transfer/class_coverage", ".2f", False),
+    ("memorised", "transfer/memorised_share", ".2f", False),
     ("img/s", "timing/img_per_s", ".0f", False),
     ("peak mem GB", "resources/peak_mem_gb", ".2f", False),
     ("wall s", "timing/wall_s", ".1f", False),

@@ -244,7 +244,8 @@ def _share(total: int, num_processes: int, index: int) -> int:
 
 
 def evaluate_generator(accelerator, G: torch.nn.Module, real: torch.Tensor, real_key: str,
-                       cfg: MetricConfig, seed: int, batch_size: int = 256, transform_z=None) -> dict:
+                       cfg: MetricConfig, seed: int, batch_size: int = 256, transform_z=None,
+                       extra=None) -> dict:
     """Generate `cfg.num_samples` images across all processes and score them; call on EVERY process.
 
     Each process draws its share of latents from a CPU generator seeded with `seed + process_index`,
@@ -252,6 +253,9 @@ def evaluate_generator(accelerator, G: torch.nn.Module, real: torch.Tensor, real
     num_samples images reach the main process (padding is trimmed), which runs compute_metrics;
     every process returns the same dict. NaN/inf output -> failed dict everywhere. `transform_z`
     maps z -> z' before G (e.g. MineGAN's miner). G's train/eval mode is restored afterwards.
+    `extra(fake) -> dict` runs on the main process with the same uint8 images [N, C, H, W] (CPU)
+    after a successful scoring, and its keys join the result (e.g. ganlib.fewshot's metrics), so
+    further metrics need no second generation and still reach every process.
     """
     cfg.validate()                                     # everything that can raise does so before collectives,
     check_counts(cfg.num_samples, real.shape[0])       # identically on every process
@@ -292,7 +296,10 @@ def evaluate_generator(accelerator, G: torch.nn.Module, real: torch.Tensor, real
     payload = None
     if accelerator.is_main_process:
         try:
-            payload = ("ok", compute_metrics(fake, real, real_key, cfg, device=accelerator.device))
+            scores = compute_metrics(fake, real, real_key, cfg, device=accelerator.device)
+            if extra is not None and scores.get("quality/status") != "failed":
+                scores.update(extra(fake.cpu()))
+            payload = ("ok", scores)
         except Exception as err:  # every process must leave the broadcast, then all raise
             payload = ("error", err)
     kind, value = broadcast_object(accelerator, payload)

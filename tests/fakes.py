@@ -30,6 +30,9 @@ FID_MEAN = {
     1: {"finetune": 30.0, "freeze_d": 30.8, "ewc": 33.0, "scratch": 70.0},
 }
 FID_STD = {0: 0.6, 1: 2.5}
+# Transfer fidelity per strategy: (target-class share, memorised share); pair 1 (digits) gets no class metrics.
+TRANSFER = {"finetune": (0.92, 0.30), "freeze_d": (0.95, 0.12), "ewc": (0.40, 0.08), "scratch": (0.97, 0.85)}
+NO_CLASS_REASON = "target digits:n=100 selects no classes (every prediction would be a target class)"
 FAILED_CELL = ("ewc", 0, "cpu-2proc", 2)         # (strategy, pair index, setup, seed)
 FAILED_REASON = "RuntimeError: loss/D became NaN at step 140 (lr 0.002 too high?)"
 SKIPPED_CELL = ("scratch", 1, "cpu-2proc", 1)
@@ -105,6 +108,21 @@ def fake_record(strategy="finetune", pair_index=0, setup="cpu-1proc", seed=0, *,
         "quality/num_samples": 1000, "perf/flops_per_step": 1.2e9,
         "perf/achieved_tflops": 1.2e9 * img_per_s / 32 / 1e12, "perf/peak_fraction": None,
     }
+    share, memorised = TRANSFER[strategy]
+    diversity = 1.0 - memorised + rng.gauss(0, 0.03)
+    record["metrics"].update({
+        "transfer/memorised_share": min(1.0, max(0.0, memorised + rng.gauss(0, 0.02))),
+        "transfer/nn_dist_ratio": 0.3 + diversity * 0.7, "transfer/diversity": 2.0 * diversity,
+        "transfer/diversity_real": 2.0, "transfer/diversity_vs_real": diversity,
+        "transfer/diversity_space": "features:lenet-mnist5k", "transfer/diversity_clusters": 20,
+        "transfer/diversity_singletons": 2,
+    })
+    if pair_index == 0:
+        record["metrics"].update({"transfer/target_class_share": min(1.0, share + rng.gauss(0, 0.02)),
+                                  "transfer/class_coverage": 0.9 + rng.uniform(0, 0.08)})
+    else:
+        record["metrics"]["transfer/class_metrics_reason"] = NO_CLASS_REASON
+    record["artifacts"]["nearest"] = f"cells/{cid}/nearest.png"
     record["curves"]["train"] = _train_curve(rng, STEPS)
     record["curves"]["fid"] = [
         {"step": s, "wall_s": transfer_s * s / STEPS,
@@ -163,6 +181,7 @@ def make_fake_run(run_dir: str | Path, *, images: bool = True) -> list[dict]:
                         _digit_grid(run_dir / record["artifacts"]["samples"], seed + 7 * p,
                                     noise=min(0.6, fid / 120))
                         _digit_grid(run_dir / record["artifacts"]["real"], 1000 + p, noise=0.0)
+                        _digit_grid(run_dir / record["artifacts"]["nearest"], seed + 7 * p, noise=0.1, rows=2)
                     append_record(run_dir, record)
                     records.append(record)
     return records

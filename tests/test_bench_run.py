@@ -134,6 +134,8 @@ REQUIRED_METRICS = (
     "resources/mem_kind", "resources/optimizer_state_bytes", "params/trainable", "params/frozen",
     "quality/fid", "quality/kid_mean", "quality/kid_std", "quality/precision", "quality/recall",
     "quality/extractor", "quality/num_samples",
+    "transfer/target_class_share", "transfer/class_coverage", "transfer/memorised_share", "transfer/nn_dist_ratio",
+    "transfer/diversity", "transfer/diversity_space", "transfer/diversity_clusters",
 )
 REQUIRED_ENV = ("python", "torch", "accelerate", "cuda", "devices", "device_count", "num_processes",
                 "mixed_precision", "git_commit", "hostname")
@@ -411,6 +413,19 @@ def test_scratch_cell_records_no_source(one_process):
     assert (run_dir / record["artifacts"]["samples"]).is_file()
 
 
+def test_cell_records_transfer_fidelity_and_a_nearest_shot_grid(one_process):
+    accelerator, matrix, cell, run_dir = one_process
+    record = run_cell(accelerator, matrix, cell, run_dir, "run-id")
+    assert record["status"] == "ok", record["reason"]
+    m = record["metrics"]
+    assert 0 <= m["transfer/target_class_share"] <= 1 and 0 <= m["transfer/class_coverage"] <= 1
+    assert 0 <= m["transfer/memorised_share"] <= 1 and m["transfer/nn_dist_ratio"] > 0
+    assert m["transfer/diversity"] > 0 and m["transfer/diversity_space"] == "features:lenet-mnist5k"
+    assert m["transfer/diversity_clusters"] + m["transfer/diversity_singletons"] <= 25 == m["transfer/num_shots"]
+    with Image.open(run_dir / record["artifacts"]["nearest"]) as img:  # 8 samples above their nearest shots
+        assert img.size == (8 * 29 + 1, 2 * 29 + 1)
+
+
 # --- under the user's own launcher (how multi-node runs go) ---------------------------------------
 
 def launch_two(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -432,6 +447,8 @@ def test_bench_under_the_users_launch_runs_its_cells_in_that_process_group(tmp_p
     (record,) = records_of(run_dir)
     assert record["status"] == "ok" and record["setup"] == "launch-2xcpu-no", record["reason"]
     assert record["env"]["num_processes"] == 2 and record["metrics"]["timing/img_per_s"] > 0
+    assert 0 <= record["metrics"]["transfer/memorised_share"] <= 1  # scored on the main process, recorded once
+    assert (run_dir / record["artifacts"]["nearest"]).is_file()
     assert (run_dir / "report.html").is_file() and "Grad strides" not in proc.stderr
 
     # the same directory again: refused on every process with one line, promptly, nothing changed

@@ -9,6 +9,8 @@ import statistics
 import pytest
 
 from bench.compare import FID, MEMORY, THROUGHPUT, compare_runs, format_comparison, main_compare
+
+TARGET_SHARE, MEMORISED = "transfer/target_class_share", "transfer/memorised_share"
 from ganlib.errors import UserError
 
 PAIR = "mnist5k-c0-4-2mnist5k-c5-9-n25"
@@ -43,11 +45,12 @@ def _metrics(img_per_s, mem_gb, fid):
             "resources/mem_kind": "cpu_peak_rss", FID: fid, "quality/kid_mean": 0.01}
 
 
-def write_run(run_dir, noise_seed=0, scale=None, failed=(), drop=(), seeds=SEEDS, **env):
+def write_run(run_dir, noise_seed=0, scale=None, failed=(), drop=(), seeds=SEEDS, shares=None, **env):
     """Write a run: every cell x seed with ~1% noise on throughput/memory and ~0.3 on FID.
 
     scale: {cell: (img_per_s factor, mem factor, fid offset)}; failed: cells whose seeds all
-    fail; drop: cells left out of the run; env: passed to every record's env block.
+    fail; drop: cells left out of the run; shares: {cell: (target-class share, memorised share)}
+    with ~0.01 noise (cells absent: no transfer metrics); env: passed to every record's env block.
     """
     rng = random.Random(noise_seed)
     scale = scale or {}
@@ -63,6 +66,9 @@ def write_run(run_dir, noise_seed=0, scale=None, failed=(), drop=(), seeds=SEEDS
             else:
                 m = _metrics(tp * f_tp * rng.gauss(1, 0.01), mem * f_mem * rng.gauss(1, 0.005),
                              fid + d_fid + rng.gauss(0, 0.3))
+                if shares and cell in shares:
+                    m[TARGET_SHARE] = shares[cell][0] + rng.gauss(0, 0.01)
+                    m[MEMORISED] = shares[cell][1] + rng.gauss(0, 0.01)
                 rec = _record(cell, seed, m, **env)
             lines.append(json.dumps(rec))
     (run_dir / "results.jsonl").write_text("\n".join(lines) + "\n")
@@ -287,3 +293,33 @@ def test_skipped_seed_leaves_the_cell_compared_on_its_ok_seeds(tmp_path):
     cell = _cell(compare_runs(base, new), A)
     assert (cell.verdict, cell.base_seeds, cell.new_seeds) == ("OK", 3, 2)
     assert cell.metrics[FID].new.n == 2
+
+
+SHARES = {A: (0.92, 0.10), B: (0.95, 0.08), C: (0.90, 0.12)}
+
+
+@pytest.mark.parametrize("new_shares, verdict, words", [
+    ({**SHARES, A: (0.70, 0.10)}, "REGRESSED", "target_class_share -0.2"),   # left the target less
+    ({**SHARES, A: (0.92, 0.40)}, "REGRESSED", "memorised_share +0.3"),      # copies more
+    ({**SHARES, A: (0.99, 0.01)}, "IMPROVED", ""),
+    ({**SHARES, A: (0.90, 0.12)}, "OK", ""),                                # within 0.05 points
+])
+def test_transfer_shares_are_gated_with_their_direction(tmp_path, capsys, new_shares, verdict, words):
+    base = write_run(tmp_path / "base", shares=SHARES)
+    new = write_run(tmp_path / "new", noise_seed=1, shares=new_shares)
+    assert main_compare([str(base), str(new)]) == (1 if verdict == "REGRESSED" else 0)
+    out = capsys.readouterr().out
+    assert _cell(compare_runs(base, new), A).verdict == verdict
+    assert words in out and "target classes base -> new" in out
+
+
+def test_share_tolerance_flag_and_runs_without_shares(tmp_path):
+    base = write_run(tmp_path / "base", shares=SHARES)
+    new = write_run(tmp_path / "new", noise_seed=1, shares={**SHARES, A: (0.80, 0.10)})
+    assert main_compare([str(base), str(new), "--share-tol", "0.2"]) == 0
+    assert compare_runs(base, new).regressed
+    older = write_run(tmp_path / "older")  # a baseline from before the transfer metrics
+    cmp = compare_runs(older, new)
+    assert not cmp.regressed and _cell(cmp, A).metrics[TARGET_SHARE].change is None
+    with pytest.raises(UserError, match="share tolerance 1.5"):
+        compare_runs(base, new, share_tol=1.5)

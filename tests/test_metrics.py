@@ -318,8 +318,14 @@ def test_evaluate_generator_single_process(mnist, cache_dir, accelerator):
     c = evaluate_generator(accelerator, G, real, "mnist5k-1000:3000", cfg, seed=3,
                            transform_z=lambda z: calls.append(len(z)) or 3 * z)
     assert sum(calls) == 101 and c["quality/fid"] != a["quality/fid"]
+    seen = []
+    d = evaluate_generator(accelerator, G, real, "mnist5k-1000:3000", cfg, seed=3,
+                           extra=lambda fake: seen.append(fake) or {"extra/n": fake.shape[0]})
+    assert d == {**a, "quality/eval_s": d["quality/eval_s"], "quality/real_cached": True, "extra/n": 101}
+    assert len(seen) == 1 and seen[0].dtype == torch.uint8 and seen[0].shape == (101, 1, 28, 28)
     accelerator.unwrap_model(G).poison = True
-    assert evaluate_generator(accelerator, G, real, "mnist5k-1000:3000", cfg, seed=3)["quality/status"] == "failed"
+    failed = evaluate_generator(accelerator, G, real, "mnist5k-1000:3000", cfg, seed=3, extra=seen.append)
+    assert failed["quality/status"] == "failed" and len(seen) == 1  # nothing to score, extra not called
     assert G.training
 
 
@@ -353,7 +359,9 @@ def test_two_process_gloo_gathers_exactly_n_and_agrees(tmp_path):
         model = accelerator.prepare(G())           # DDP-wrapped: evaluate_generator must unwrap it
         real = load_images("mnist5k", 28, 1).images[:2000]
         cfg = MetricConfig(num_samples=301, precision_recall=True, cache_dir={str(tmp_path)!r})
-        out = evaluate_generator(accelerator, model, real, "mnist5k-first2000", cfg, seed=7, batch_size=64)
+        out = evaluate_generator(accelerator, model, real, "mnist5k-first2000", cfg, seed=7, batch_size=64,
+                                 extra=lambda fake: {{"extra/n": fake.shape[0], "extra/sum": int(fake.long().sum()),
+                                                     "extra/rank": accelerator.process_index}})
         with open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.json"), "w") as f:
             json.dump(out, f)                      # one file per rank: stdout lines would interleave
         shutdown(accelerator)
@@ -376,5 +384,6 @@ def test_two_process_gloo_gathers_exactly_n_and_agrees(tmp_path):
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["quality/num_samples"] for r in results] == [301, 301]     # no padded duplicates
     assert results[0] == results[1]                                       # the same dict everywhere
+    assert (results[0]["extra/n"], results[0]["extra/rank"]) == (301, 0)  # extra: main process, all samples
     assert math.isfinite(results[0]["quality/fid"])
     assert time.perf_counter() - start < 300

@@ -7,10 +7,13 @@ import re
 
 import pytest
 
-from bench.report import PLOTS_DIR, plot_paths, slug, write_report
+from matplotlib.container import ErrorbarContainer
+
+from bench.report import PLOTS_DIR, _bars, _pyplot, plot_paths, plot_transfer, slug, write_report
+from bench.results import stat_of
 from bench.show import format_table, main as show_main
-from fakes import (FAILED_CELL, FAILED_REASON, SETUPS, SKIPPED_CELL, SKIPPED_REASON, STRATEGIES,
-                   cell_id, make_fake_run, pair_name)
+from fakes import (FAILED_CELL, FAILED_REASON, NO_CLASS_REASON, SETUPS, SKIPPED_CELL, SKIPPED_REASON,
+                   STRATEGIES, cell_id, make_fake_run, pair_name)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -54,14 +57,16 @@ def test_report_is_self_contained(report):
     # every embedded image decodes to a PNG
     for s in srcs:
         assert base64.b64decode(s.split(",", 1)[1])[:8] == PNG_MAGIC
-    # 4 plots per pair + per pair and setup: 1 real grid + one sample grid per strategy
-    assert len(srcs) == 2 * 4 + 2 * len(SETUPS) * (1 + len(STRATEGIES))
+    # 4 plots per pair, the transfer plots (class bars on pair 0 only, the memorisation scatter on
+    # both), one nearest-shot grid per strategy and pair, per pair and setup: 1 real grid + one
+    # sample grid per strategy
+    assert len(srcs) == 2 * 4 + 3 + 2 * len(STRATEGIES) + 2 * len(SETUPS) * (1 + len(STRATEGIES))
 
 
 def test_plots_are_written_for_wandb(fake_run, report):
     run_dir, _ = fake_run
     paths = plot_paths(run_dir)
-    assert len(paths) == 8 and all(p.parent.name == PLOTS_DIR for p in paths)
+    assert len(paths) == 8 + 3 and all(p.parent.name == PLOTS_DIR for p in paths)
     assert all(p.read_bytes()[:8] == PNG_MAGIC for p in paths)
 
 
@@ -79,6 +84,51 @@ def test_report_tables_show_numbers_and_not_ok_cells(fake_run, report):
     for header in ("FID", "KID", "throughput (img/s)", "peak memory (GB)", "wall time (s)"):
         assert header in text
     assert text.count('class="verdict') == 2 * 4  # per setup, once in the summary, once per pair
+
+
+def test_did_it_transfer_panel(fake_run, report):
+    run_dir, records = fake_run
+    _, text = report
+    ids = set(re.findall(r'id="([^"]+)"', text))
+    assert {f"pair-{slug(pair_name(p))}-transfer" for p in (0, 1)} <= ids
+    assert (run_dir / PLOTS_DIR / f"{slug(pair_name(0))}-transfer-classes.png").is_file()
+    assert not (run_dir / PLOTS_DIR / f"{slug(pair_name(1))}-transfer-classes.png").exists()  # no classes
+    assert f"Not measured: {NO_CLASS_REASON}" in text
+    assert text.count("Samples (top) above their nearest training shots") == 2
+    for header in ("target classes ↑", "memorised ↓"):
+        assert header in text
+    shares = [r["metrics"]["transfer/target_class_share"] for r in records if r["status"] == "ok"
+              and (r["pair"], r["strategy"], r["setup"]) == (pair_name(0), "ewc", "cpu-1proc")]
+    assert f"{sum(shares) / len(shares):.2f}" in text
+
+
+def test_memorisation_scatter_labels_its_quadrants(fake_run, monkeypatch):
+    run_dir, records = fake_run
+    texts = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text",
+                        lambda self, x, y, s, *a, **k: texts.append((x, y, s)) or original(self, x, y, s, *a, **k))
+    pair = [r for r in records if r["pair"] == pair_name(0)]
+    colors = dict.fromkeys(STRATEGIES, "black")
+    plot_transfer(run_dir, pair_name(0), pair, colors)
+    labels = {s: (x, y) for x, y, s in texts}
+    (x, y) = labels["copying"]
+    assert x < 0.5 < y  # up-left
+    (x, y) = labels["good: new and diverse"]
+    assert y < 0.5 < x  # down-right
+
+
+def test_bars_draw_error_bars_only_where_seeds_give_a_std():
+    plt = _pyplot()
+    fig, ax = plt.subplots()
+    stats = {"a": stat_of([1.0, 2.0, 3.0]), "b": stat_of([2.0])}
+    _bars(ax, ["a", "b"], ["s"], lambda group, series: stats[group], {}, "y")
+    (errorbars,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    segments = errorbars.lines[2][0].get_segments()
+    assert len(segments) == 1 and segments[0][:, 1].tolist() == [1.0, 3.0]  # mean 2 ± std 1, group a only
+    plt.close(fig)
 
 
 def test_report_defangs_urls_from_inputs(tmp_path):
@@ -113,9 +163,24 @@ def test_show_columns_align(fake_run):
     header, rows = block[1], [line for line in block[2:] if not line.startswith("  ")]
     assert len(rows) == len(STRATEGIES) * len(SETUPS)
     # right-aligned numeric columns end at the same character as their header
-    for name in ("KID", "img/s", "wall s"):
+    for name in ("KID", "target cls", "memorised", "img/s", "wall s"):
         end = header.index(name) + len(name)
         assert all(row[end - 1] != " " and (len(row) == end or row[end] == " ") for row in rows)
+
+
+def test_show_has_transfer_columns_with_dashes_where_absent(fake_run):
+    _, records = fake_run
+    tables = format_table(records).split("\n\n")
+    header = tables[0].splitlines()[1]
+    assert all(name in header for name in ("target cls", "coverage", "memorised"))
+    ewc = next(line for line in tables[0].splitlines() if line.startswith("ewc") and "cpu-1proc" in line)
+    shares = [r["metrics"]["transfer/target_class_share"] for r in records if r["status"] == "ok"
+              and (r["pair"], r["strategy"], r["setup"]) == (pair_name(0), "ewc", "cpu-1proc")]
+    assert f" {sum(shares) / len(shares):.2f} " in ewc
+    header = tables[1].splitlines()[1]
+    ewc_digits = next(line for line in tables[1].splitlines() if line.startswith("ewc"))
+    start = header.index("target cls")
+    assert ewc_digits[start:header.index("coverage") + len("coverage")].split() == ["-", "-"]
 
 
 def test_show_per_cell_lists_every_cell(fake_run):

@@ -176,7 +176,7 @@ def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
                     assert got[key] == pytest.approx(value)
         for fid_row in r["curves"]["fid"]:
             assert rows[fid_row["step"]]["curve/fid"] == pytest.approx(fid_row["fid"])
-        # summary: the record's final metrics win over the last history row
+        # summary: the record's final metrics win over the last history row (transfer/* included)
         for key, value in r["metrics"].items():
             got = run["summary"][key]
             if isinstance(value, list):
@@ -191,6 +191,7 @@ def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
             assert run["summary"]["samples/_type"] == "image-file"
             assert (run["dir"] / "files" / run["summary"]["samples/path"]).is_file()
     assert runs[cells[0]["cell_id"]]["config"]["wandb"] == {"api_key": REDACTED, "entity": "me"}
+    assert any("transfer/memorised_share" in runs[r["cell_id"]]["summary"] for r in cells)
 
     summary = runs[f"{records[0]['run_id']}-summary"]
     assert summary["job_type"] == "summary" and summary["group"] == records[0]["run_id"]
