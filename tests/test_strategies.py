@@ -73,7 +73,7 @@ def _all_d(G, D, options):
 
 
 def _d_input_blocks(G, D, options):
-    k = options.get("layers", 2)
+    k = options.get("layers", 1)
     return {("discriminator", n) for n, _ in D.named_parameters()
             if any(n.startswith(f"blocks.{i}.") for i in range(k))}
 
@@ -347,7 +347,7 @@ def test_cdc_loss_is_zero_when_target_equals_source_and_positive_after_a_change(
     G, D = build_networks(NetConfig("dcgan", 28, 1, TINY["latent_dim"], TINY["width"]))
     cdc = build_strategy("cdc")
     cdc.setup(SetupContext(G=G, D=D, family=NETWORKS.get("dcgan"), loss=LOSSES.get("nonsat"),
-                           device=torch.device("cpu"), seed=0, total_steps=1, batch_size=8))
+                           device=torch.device("cpu"), seed=0, total_steps=1, batch_size=8, num_images=25))
     z = torch.randn(8, TINY["latent_dim"])
     _, feats = G(z, return_features=True)
     assert cdc.g_extra_losses(GStepContext(step=1, z=z, fake=None, g_features=feats, G=G))["cdc"].item() \
