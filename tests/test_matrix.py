@@ -46,7 +46,10 @@ def test_every_preset_loads_and_expands_to_its_product(name):
     matrix = load_matrix(name)
     raw = read_yaml(PRESETS_DIR.joinpath(f"{name}.yaml").read_text(), name)
     n_nets = len(raw["networks"]) if "networks" in raw else 1
-    expected = n_nets * len(raw["pairs"]) * len(raw["strategies"]) * len(raw["setups"]) * len(raw["seeds"])
+    # each strategy entry runs with its own `augment` list, else the matrix's (default: none only)
+    arms = sum(len(s.get("augment", raw.get("augment", ["none"]))) if isinstance(s, dict)
+               else len(raw.get("augment", ["none"])) for s in raw["strategies"])
+    expected = n_nets * len(raw["pairs"]) * arms * len(raw["setups"]) * len(raw["seeds"])
     cells = matrix.cells()
     assert len(cells) == expected
     assert len({c.id for c in cells}) == len(cells)
