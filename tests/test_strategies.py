@@ -303,6 +303,103 @@ def test_ewc_with_large_lambda_moves_g_less_than_finetune(monkeypatch, tmp_path,
     assert ewc.metrics["loss/G/ewc"] > 1e3 * weak.metrics["loss/G/ewc"] > 0
 
 
+def _source_g(source, family: str) -> nn.Module:
+    torch.manual_seed(0)
+    G, _ = build_networks(NetConfig(FAMILIES[family]["net"], FAMILIES[family]["size"], 1, TINY["latent_dim"],
+                                    TINY["width"]))
+    G.load_state_dict(load_file(str(source(family) / "generator.safetensors")))
+    return G.eval()
+
+
+@pytest.mark.parametrize("family", ["mlp", "dcgan"])
+def test_minegan_stage1_reaches_the_images_and_leaves_g_bitwise(monkeypatch, tmp_path, source, family):
+    """In stage 1 G runs with the source BatchNorm statistics: every G tensor, buffers included, is the
+    source's, and the samples for fixed z move, because the miner's shift and scale of the latents
+    is no longer normalised away."""
+    run = run_strategy(monkeypatch, tmp_path, source, "minegan", family, steps=6,
+                       strategy_options={"stage1_steps": 6}, lr_g=2e-3)
+    for name, t in run.source["generator"].items():
+        assert torch.equal(run.final["generator"][name], t), name
+    from ganlib.strategies.regularized import Miner
+
+    G = _source_g(source, family)
+    miner = Miner(TINY["latent_dim"], TINY["latent_dim"])
+    miner.load_state_dict(run.final["miner"])
+    z = torch.randn(64, TINY["latent_dim"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, after = G(z), G(miner(z))
+    moved = (after - before).abs().mean() / before.std(0).mean()
+    assert moved > 0.02, f"samples moved by {moved:.4f} of their spread"
+
+
+def test_scale_shift_keeps_the_source_statistics_and_every_non_affine_tensor(monkeypatch, tmp_path, source):
+    run = run_strategy(monkeypatch, tmp_path, source, "scale_shift", "dcgan", steps=4)
+    affine = {n for n, _ in run.G.named_parameters() if ("generator", n) not in
+              _g_except_norm_affine(run.G, run.D, {})}
+    kept = [n for n in run.source["generator"] if n not in affine]
+    assert any("running_mean" in n for n in kept) and any("num_batches_tracked" in n for n in kept)
+    for name in kept:
+        assert torch.equal(run.final["generator"][name], run.source["generator"][name]), name
+    assert all(not torch.equal(run.final["generator"][n], run.source["generator"][n]) for n in affine)
+
+
+@pytest.mark.parametrize("family", ["mlp", "dcgan"])
+def test_ewc_fisher_is_the_mean_squared_per_sample_gradient(source, family):
+    """torch.func's vectorised per-sample gradients against a plain loop, one latent at a time, with
+    G's and D's BatchNorm on their source statistics."""
+    from ganlib.losses import LOSSES
+    from ganlib.strategies.regularized import per_sample_fisher
+
+    torch.manual_seed(0)
+    cfg = NetConfig(FAMILIES[family]["net"], FAMILIES[family]["size"], 1, TINY["latent_dim"], TINY["width"])
+    G, D = build_networks(cfg)
+    for module, stem in ((G, "generator"), (D, "discriminator")):
+        module.load_state_dict(load_file(str(source(family) / f"{stem}.safetensors")))
+    g_loss = LOSSES.get("nonsat").g_loss
+    z = torch.randn(10, TINY["latent_dim"], generator=torch.Generator().manual_seed(3))
+    names = [n for n, _ in G.named_parameters()]
+    fisher = per_sample_fisher(G, D, g_loss, names, z, chunk=4)
+    assert G.training and D.training  # modes restored
+
+    G.eval(), D.eval()
+    params = [p for _, p in G.named_parameters()]
+    expected = [torch.zeros_like(p) for p in params]
+    for i in range(z.shape[0]):
+        grads = torch.autograd.grad(g_loss(D(G(z[i:i + 1]))), params)
+        for e, g in zip(expected, grads):
+            e.add_(g.square() / z.shape[0])
+    for n, e in zip(names, expected):
+        torch.testing.assert_close(fisher[n], e, rtol=1e-4, atol=1e-12, msg=n)
+    assert any(e.abs().sum() > 0 for e in expected)
+
+
+def test_cdc_draws_near_one_anchor_per_training_image_and_scores_shallow_patches(source):
+    from ganlib.losses import LOSSES
+    from ganlib.strategies import SetupContext
+
+    torch.manual_seed(0)
+    G, D = build_networks(NetConfig("dcgan", 28, 1, TINY["latent_dim"], TINY["width"]))
+    cdc = build_strategy("cdc")
+    assert cdc.options.anchor_std == 0.1
+    cdc.setup(SetupContext(G=G, D=D, family=NETWORKS.get("dcgan"), loss=LOSSES.get("nonsat"),
+                           device=torch.device("cpu"), seed=0, total_steps=1, batch_size=8, num_images=25))
+    assert cdc.anchor_z.shape == (25, TINY["latent_dim"])
+    z = torch.randn(200, TINY["latent_dim"])
+    near = cdc.map_latent(z, 0)                        # step 0 is an anchor step
+    offsets = near - 0.1 * z                           # each row: one of the anchors
+    hits = (offsets[:, None] - cdc.anchor_z[None]).norm(dim=2).min(1)
+    assert hits.values.max() < 1e-5
+    assert len(set(hits.indices.tolist())) > 20        # random anchors, not the first batch-size ones
+    assert torch.equal(cdc.map_latent(z, 1), z)        # other steps: the ordinary prior
+    images = torch.zeros(3, 1, 28, 28)
+    assert cdc.discriminate(D, images, 1).shape == (3, 14 * 14)   # patches of D's first block (14x14)
+    assert cdc.discriminate(D, images, 0).shape == (3,)
+
+
+def test_freeze_d_freezes_one_block_by_default():
+    assert build_strategy("freeze_d").options.layers == 1
+
+
 def test_scratch_never_reads_the_source(monkeypatch, tmp_path, source):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
