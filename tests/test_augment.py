@@ -161,3 +161,46 @@ def test_ada_p_is_a_curve_of_the_training_run(tmp_path):
     curve = [row["aug/p"] for row in trainer.train_curve]
     assert len(curve) == 4 and all(0.0 <= p <= 1.0 for p in curve)
     assert len(set(curve)) > 1  # 8 images per step over a 10-image ramp: p moves every step
+
+
+@pytest.mark.parametrize("augment", ["diffaugment", "ada"])
+def test_resume_mid_interval_reproduces_the_run(tmp_path, monkeypatch, augment):
+    """The augmentation stream and ADA's p and part-interval statistics are checkpointed: a run that
+    dies after its step-3 checkpoint (mid ADA interval) and resumes ends bitwise where an
+    uninterrupted run does, with the same p curve."""
+    from safetensors.torch import load_file
+
+    from ganlib import checkpoint as ckpt
+    from ganlib.train import train
+
+    opts = dict(net="dcgan", size=28, width=8, latent_dim=16, batch=8, steps=8, ckpt_every=3, log_every=1,
+                warmup_steps=0, progress=False, data="mnist5k:classes=5-9:n=25", strategy="scratch",
+                augment=augment, r1_gamma=1.0, r1_interval=2,
+                augment_options={"interval": 2, "ramp_kimg": 0.05, "p_init": 0.5} if augment == "ada" else {})
+    a = train(TrainConfig(**opts, out=str(tmp_path / "a")))
+    real_finish = ckpt.finish_checkpoint
+
+    def die_after_the_first_checkpoint(*args, **kwargs):
+        real_finish(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "finish_checkpoint", die_after_the_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**opts, out=str(tmp_path / "b")))
+    monkeypatch.setattr(ckpt, "finish_checkpoint", real_finish)
+    b = train(TrainConfig(**opts, out=str(tmp_path / "b"), resume=True))
+    assert b.curves["train"] == a.curves["train"]
+    for stem in ("generator", "discriminator"):
+        wa, wb = (load_file(str(tmp_path / run / f"{stem}.safetensors")) for run in ("a", "b"))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), stem
+    if augment == "ada":
+        assert len({row["aug/p"] for row in a.curves["train"]}) > 1
+
+
+@pytest.mark.parametrize("augment", ["diffaugment", "ada"])
+def test_augmented_training_runs_in_bf16(tmp_path, augment):
+    trainer = _trainer(tmp_path, augment, mixed_precision="bf16", r1_gamma=1.0, r1_interval=2,
+                       augment_options={"p_init": 1.0} if augment == "ada" else {})
+    result = trainer.run()
+    assert result.metrics["env/mixed_precision"] == "bf16"
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in result.metrics.items() if k.startswith("loss/"))

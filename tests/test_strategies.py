@@ -348,7 +348,7 @@ def test_ewc_fisher_is_the_mean_squared_per_sample_gradient(source, family):
     """torch.func's vectorised per-sample gradients against a plain loop, one latent at a time, with
     G's and D's BatchNorm on their source statistics."""
     from ganlib.losses import LOSSES
-    from ganlib.strategies.regularized import per_sample_fisher
+    from ganlib.strategies.regularized import fisher_mode, per_sample_fisher
 
     torch.manual_seed(0)
     cfg = NetConfig(FAMILIES[family]["net"], FAMILIES[family]["size"], 1, TINY["latent_dim"], TINY["width"])
@@ -358,16 +358,18 @@ def test_ewc_fisher_is_the_mean_squared_per_sample_gradient(source, family):
     g_loss = LOSSES.get("nonsat").g_loss
     z = torch.randn(10, TINY["latent_dim"], generator=torch.Generator().manual_seed(3))
     names = [n for n, _ in G.named_parameters()]
-    fisher = per_sample_fisher(G, D, g_loss, names, z, chunk=4)
-    assert G.training and D.training  # modes restored
-
-    G.eval(), D.eval()
+    state = {k: v.clone() for k, v in (*G.state_dict().items(), *D.state_dict(prefix="D.").items())}
     params = [p for _, p in G.named_parameters()]
     expected = [torch.zeros_like(p) for p in params]
-    for i in range(z.shape[0]):
-        grads = torch.autograd.grad(g_loss(D(G(z[i:i + 1]))), params)
-        for e, g in zip(expected, grads):
-            e.add_(g.square() / z.shape[0])
+    with fisher_mode(G, D, z, chunk=4):
+        fisher = per_sample_fisher(G, D, g_loss, names, z, chunk=4)
+        for i in range(z.shape[0]):
+            grads = torch.autograd.grad(g_loss(D(G(z[i:i + 1]))), params)
+            for e, g in zip(expected, grads):
+                e.add_(g.square() / z.shape[0])
+    assert G.training and D.training  # modes restored, and every buffer
+    after = {**G.state_dict(), **D.state_dict(prefix="D.")}
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
     for n, e in zip(names, expected):
         torch.testing.assert_close(fisher[n], e, rtol=1e-4, atol=1e-12, msg=n)
     assert any(e.abs().sum() > 0 for e in expected)
@@ -517,6 +519,8 @@ def test_option_values_from_the_command_line_are_parsed_strictly():
 # --- two processes (DDP on CPU) ---------------------------------------------------------------------
 
 DDP_STRATEGIES = ("freeze_d", "two_phase", "minegan")
+# freeze_d also runs with ADA: each rank augments its own images, p must be the same on both
+DDP_AUGMENT = {"freeze_d": {"augment": "ada", "augment_options": {"interval": 1, "ramp_kimg": 0.16, "p_init": 0.5}}}
 DDP_SCRIPT = textwrap.dedent('''
     """Run freeze_d, two_phase and minegan under DDP; every rank saves its own parameter snapshots."""
     import json, sys
@@ -529,6 +533,7 @@ DDP_SCRIPT = textwrap.dedent('''
     from ganlib.distributed import make_accelerator, shutdown
 
     source, out_root, options = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    AUGMENT = %(augment)r
     accelerator = make_accelerator("no")
     rank = accelerator.process_index
     captured = {}
@@ -549,6 +554,17 @@ DDP_SCRIPT = textwrap.dedent('''
         module = getattr(module, "module", module)
         return {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
 
+    ada_p = []  # this rank's ADA probability after every step (freeze_d runs with ada)
+    real_step = T.Trainer.step
+
+    def recording_step(self, step):
+        logs = real_step(self, step)
+        if self.cfg.augment == "ada":
+            ada_p.append(float(self.augment.p))
+        return logs
+
+    T.Trainer.step = recording_step
+
     for name in %(strategies)r:
         out = out_root / name
 
@@ -562,11 +578,12 @@ DDP_SCRIPT = textwrap.dedent('''
         cfg = TrainConfig(net="dcgan", size=28, width=8, latent_dim=16, batch=8, steps=%(steps)d,
                           data="mnist5k:classes=5-9:n=25", strategy=name, strategy_options=options.get(name, {}),
                           source=source, out=str(out), eval_every=%(steps)d // 2, log_every=1,
-                          warmup_steps=0, progress=False)
+                          warmup_steps=0, progress=False, **AUGMENT.get(name, {}))
         result = T.train(cfg, accelerator, eval_fn=eval_fn)
         (out_root / f"{name}-rank{rank}-metrics.json").write_text(json.dumps(result.metrics))
+    (out_root / f"ada-p-rank{rank}.json").write_text(json.dumps(ada_p))
     shutdown(accelerator)
-''') % {"strategies": DDP_STRATEGIES, "steps": STEPS}
+''') % {"strategies": DDP_STRATEGIES, "steps": STEPS, "augment": DDP_AUGMENT}
 
 
 def _free_port() -> int:
@@ -624,6 +641,10 @@ def test_ddp_two_processes_train_what_the_table_says(tmp_path, source):
             for stem, params in stems.items():
                 for n, t in params.items():
                     assert torch.equal(t, per_rank[1][step][stem][n]), f"{name} {stem}.{n} step {step}"
+        # ADA's p is synchronised: the same on both ranks after every step, and it moved.
+        if name in DDP_AUGMENT:
+            p0, p1 = (json.loads((out_root / f"ada-p-rank{r}.json").read_text()) for r in (0, 1))
+            assert len(p0) == STEPS and p0 == p1 and len(set(p0)) > 1, (p0, p1)
         # Rank 0 wrote the outputs, with the final weights every rank holds.
         final = load_dir(out_root / name)
         for stem in ("generator", "discriminator"):

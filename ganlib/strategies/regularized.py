@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +27,9 @@ class EWC(Strategy):
 
     F_i is the mean over `fisher_samples` latents of the squared per-sample gradient of the G loss
     with respect to G's weights, at the source weights: the empirical Fisher, as in the paper.
-    Per-sample gradients need G and D to score one image at a time, so both run with their source
-    BatchNorm statistics (eval mode) for the estimate. Fisher and anchor are fp32 on the training
-    device, identical on every process (same seed).
+    Per-sample gradients need G and D to score one image at a time, so their BatchNorm statistics are
+    fixed for the estimate (`fisher_mode`). Fisher and anchor are fp32 on the training device,
+    identical on every process (same seed).
     """
 
     name = "ewc"
@@ -48,7 +49,8 @@ class EWC(Strategy):
         named = {n: p for n, p in G.named_parameters() if p.requires_grad}
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 7919)
         z = torch.randn(self.options.fisher_samples, G.latent_dim, device=ctx.device, generator=gen)
-        fisher = per_sample_fisher(G, ctx.D, ctx.loss.g_loss, list(named), z, self.options.fisher_batch)
+        with fisher_mode(G, ctx.D, z, self.options.fisher_batch):
+            fisher = per_sample_fisher(G, ctx.D, ctx.loss.g_loss, list(named), z, self.options.fisher_batch)
         self.params = list(named.values())  # the same Parameter objects train later (DDP wraps, it does not copy)
         self.fisher = [fisher[n] for n in named]
         self.anchor = [p.detach().float().clone() for p in self.params]
@@ -59,36 +61,65 @@ class EWC(Strategy):
         return {"ewc": self.options.lam * penalty}
 
 
+@contextmanager
+def fisher_mode(G: nn.Module, D: nn.Module, z: torch.Tensor, chunk: int):
+    """Inside: G and D score one image at a time, as per-sample gradients need, with fixed BatchNorm
+    statistics: G's are its running (source) statistics; D's are the statistics of the source G's
+    fakes for `z` (one no-grad pass, averaged over chunks of `chunk`), because in training D
+    normalises batches of fakes by their own statistics (its running statistics are never read, and
+    can be far from them). Every mode and buffer of G and D is restored on the way out.
+    """
+    modes = [(m, m.training) for m in (*G.modules(), *D.modules())]
+    buffers = [(b, b.clone()) for b in (*G.buffers(), *D.buffers())]
+    norms = [m for m in D.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    try:
+        G.eval()
+        D.eval()
+        with torch.no_grad():
+            fakes = [G(part) for part in z.split(chunk)]
+            for m in norms:  # only BatchNorm in train mode: no spectral-norm power iteration runs
+                m.train()
+                m.momentum = None  # a plain average over the chunks
+                m.reset_running_stats()
+            for images in fakes:
+                D(images)
+            for m in norms:
+                m.eval()
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+
+
 def per_sample_fisher(G: nn.Module, D: nn.Module, g_loss, names: list[str], z: torch.Tensor,
                       chunk: int) -> dict[str, torch.Tensor]:
     """Mean over the rows of `z` of the squared gradient of g_loss(D(G(z_i))) for G's parameters `names`.
 
-    One latent at a time (torch.func: vmap over per-sample grads), G and D in eval mode so that
-    BatchNorm uses the running statistics and no buffer moves; modes are restored afterwards.
-    Returns fp32 tensors shaped like the parameters.
+    One latent at a time, vectorised (torch.func: functional_call + vmap(grad)), `chunk` latents per
+    call; G and D must be in a mode that scores single images (`fisher_mode`). fp32 results shaped
+    like the parameters.
     """
-    modes = [(m, m.training) for m in (*G.modules(), *D.modules())]
-    G.eval()
-    D.eval()
-    try:
-        state = {**{n: t.detach() for n, t in G.named_parameters()}, **dict(G.named_buffers())}
-        trained = {n: state.pop(n) for n in names}
+    state = {**{n: t.detach() for n, t in G.named_parameters()}, **dict(G.named_buffers())}
+    trained = {n: state.pop(n) for n in names}
 
-        def loss_one(params: dict[str, torch.Tensor], z1: torch.Tensor) -> torch.Tensor:
-            images = functional_call(G, {**state, **params}, (z1.unsqueeze(0),))
-            return g_loss(D(images))
+    def loss_one(params: dict[str, torch.Tensor], z1: torch.Tensor) -> torch.Tensor:
+        images = functional_call(G, {**state, **params}, (z1.unsqueeze(0),))
+        return g_loss(D(images))
 
-        per_sample = vmap(grad(loss_one), in_dims=(None, 0))
-        fisher = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in trained.items()}
-        for part in z.split(chunk):
-            with torch.no_grad():  # torch.func.grad ignores an outer no_grad; D's weights get no graph
-                grads = per_sample(trained, part)
-            for n, g in grads.items():
-                fisher[n].add_(g.detach().float().square().sum(0))
-        return {n: f / z.shape[0] for n, f in fisher.items()}
-    finally:
-        for m, training in modes:
-            m.training = training
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0))
+    fisher = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in trained.items()}
+    for part in z.split(chunk):
+        with torch.no_grad():  # torch.func.grad ignores an outer no_grad; D's weights get no graph
+            grads = per_sample(trained, part)
+        for n, g in grads.items():
+            fisher[n].add_(g.detach().float().square().sum(0))
+    return {n: f / z.shape[0] for n, f in fisher.items()}
 
 
 @dataclass
