@@ -17,7 +17,7 @@ from ganlib.strategies.base import GStepContext, Options, SetupContext, StepPlan
 
 @dataclass
 class EWCOptions(Options):
-    lam: float = 300.0          # weight of the EWC penalty, calibrated for our per-sample Fisher (docs/strategies.md)
+    lam: float = 370.0          # weight of the EWC penalty, calibrated for our per-sample Fisher (docs/strategies.md)
     fisher_samples: int = 256   # latents whose per-sample gradients estimate the Fisher at the source weights
     fisher_batch: int = 64      # latents per vectorised chunk of the estimate (memory only: the result is the same)
 
