@@ -30,7 +30,8 @@ PRESETS_DIR = importlib.resources.files("bench") / "presets"   # packaged matrix
 SETUPS_DIR = importlib.resources.files("bench") / "setups"     # packaged hardware setups
 # Fields of `train:` that the matrix owns itself (set per cell), so a matrix may not set them there.
 CELL_OWNED = {"net", "size", "width", "data", "strategy", "strategy_options", "source", "steps", "seed",
-              "out", "resume", "mixed_precision", "eval_every", "channels", "progress", "augment", "augment_options"}
+              "out", "resume", "mixed_precision", "eval_every", "channels", "progress", "augment",
+              "augment_options"}
 
 
 @dataclass(frozen=True)
@@ -434,8 +435,8 @@ def filter_cells(cells: list[Cell], only: str | None) -> list[Cell]:
         wanted.setdefault(key, []).append(pattern)
 
     def value(cell: Cell, key: str) -> str:
-        return {"strategy": cell.strategy.id, "augment": cell.augment.id, "pair": cell.pair.id, "setup": cell.setup, "seed": str(cell.seed),
-                "network": cell.network.id, "cell": cell.id}[key]
+        return {"strategy": cell.strategy.id, "augment": cell.augment.id, "pair": cell.pair.id, "setup": cell.setup,
+                "seed": str(cell.seed), "network": cell.network.id, "cell": cell.id}[key]
 
     kept = [c for c in cells if all(any(fnmatch.fnmatchcase(value(c, k), p) for p in pats)
                                     for k, pats in wanted.items())]

@@ -56,7 +56,8 @@ class Augment:
         known = {f.name for f in dataclasses.fields(cls.OptionsType)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise UserError(f"augment {cls.name!r} has no option {unknown[0]!r}; options: {', '.join(sorted(known)) or 'none'}")
+            raise UserError(f"augment {cls.name!r} has no option {unknown[0]!r}; "
+                            f"options: {', '.join(sorted(known)) or 'none'}")
         hints = typing.get_type_hints(cls.OptionsType)
         typed = {k: _number(cls.name, k, v, hints[k]) for k, v in options.items()}
         augment = cls(cls.OptionsType(**typed))

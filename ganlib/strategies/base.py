@@ -3,8 +3,9 @@
 A strategy never forks the loop. It decides (1) which parameters are trainable at all (permanent
 freezing happens before optimisers and DDP are built, so frozen tensors get no optimiser state and
 no gradient all-reduce), (2) per step, which phases run (D step, G step), whether G's own body
-trains in the G step and whether G's BatchNorm uses the source statistics, (3) how latents are mapped before G (MineGAN's miner), (4) how D scores images
-(CDC's patch-level head) and (5) extra loss terms, logged as `loss/G/<name>` and `loss/D/<name>`.
+trains in the G step and whether G's BatchNorm uses the source statistics, (3) how latents are
+mapped before G (MineGAN's miner), (4) how D scores images (CDC's patch-level head) and (5) extra
+loss terms, logged as `loss/G/<name>` and `loss/D/<name>`.
 """
 
 from __future__ import annotations

@@ -185,8 +185,8 @@ class CDCOptions(Options):
     kl_weight: float = 1000.0   # weight of the distance-consistency loss (the paper's kl_wt)
     pairs: int = 4              # latents whose pairwise similarities are compared (the paper's feat_const_batch)
     g_block: int = -1           # G block whose activations are compared (-1 = the last block before the head)
-    d_block: int = 0            # D block whose spatial feature feeds the patch-level head (0 = the first, highest-resolution one)
-    anchors: int = 0            # anchor latents for image-level adversarial training; 0 = one per training image (official n_train)
+    d_block: int = 0            # D block whose spatial map feeds the patch head (0 = first, highest resolution)
+    anchors: int = 0            # anchor latents for image-level adversarial loss; 0 = one per training image
     anchor_every: int = 4       # every this many steps the batch is drawn near the anchors (the paper's subspace_freq)
     anchor_std: float = 0.1     # spread of latents around an anchor (the official subspace_std default)
 

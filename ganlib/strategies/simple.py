@@ -28,7 +28,7 @@ class Finetune(Strategy):
 @dataclass
 class FreezeDOptions(Options):
     layers: int = 1  # how many D blocks, from the input side, stay frozen (FreezeD freezes the lower layers);
-                     # 1: our D's have only 3-4 blocks, so one keeps the low-level filters and leaves 2-3 to adapt (docs)
+                     # 1: our D's have only 3-4 blocks; one keeps the low-level filters, 2-3 adapt (docs)
 
 
 class FreezeD(Strategy):
