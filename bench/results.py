@@ -22,8 +22,7 @@ SCHEMA_VERSION = 1
 
 # Fields that name a cell; everything else in a record is measurement or context.
 IDENTITY_FIELDS = (
-    "run_id", "matrix", "cell_id", "strategy", "strategy_options", "augment", "augment_options", "pair", "source",
-    "target",
+    "run_id", "matrix", "cell_id", "strategy", "strategy_options", "pair", "source", "target",
     "network", "size", "setup", "seed",
 )
 _REQUIRED_FIELDS = ("schema", "run_id", "cell_id", "pair", "strategy", "setup", "seed", "status")
