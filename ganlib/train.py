@@ -5,7 +5,8 @@ or the same under `accelerate launch` (any number of processes, any precision).
 
 Each step is a list of phases as in stylegan2-ada: a D phase (adversarial loss, lazy R1) and a G
 phase (adversarial loss plus the strategy's extra losses). The strategy switches phases and
-trainable sets on and off; the loop never forks. Losses stay on the device and are read back only
+trainable sets on and off; the loop never forks. D sees every image, real or fake, through the
+configured augmentation (ganlib.augment), in both phases. Losses stay on the device and are read back only
 every `log_every` steps, so there is no host sync inside a step.
 """
 
