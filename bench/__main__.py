@@ -20,7 +20,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_list(args) -> int:
-    from bench.matrix import preset_names, setup_names
+    from bench.matrix import augments_help, preset_names, setup_names
     from ganlib.data import DATASETS
     from ganlib.extractors import EXTRACTORS
     from ganlib.losses import LOSSES
@@ -31,6 +31,7 @@ def _cmd_list(args) -> int:
         ("presets", [(n, "") for n in preset_names()]),
         ("setups", [(n, "") for n in setup_names()]),
         ("strategies", [(n, STRATEGIES.get(n).paper) for n in STRATEGIES.names()]),
+        ("augmentations", augments_help()),
         ("networks", [(n, NETWORKS.get(n).description) for n in NETWORKS.names()]),
         ("datasets", [(n, DATASETS.get(n).description) for n in DATASETS.names()] + [("folder:PATH", "a folder of images")]),
         ("extractors", [(n, EXTRACTORS.get(n).description) for n in EXTRACTORS.names()]),

@@ -43,7 +43,8 @@ def identity(matrix: Matrix, cell: Cell, run_id: str) -> dict[str, Any]:
     """The fields that say which cell a record belongs to."""
     return {
         "schema": 1, "run_id": run_id, "matrix": matrix.name, "cell_id": cell.id,
-        "strategy": cell.strategy.id, "strategy_options": cell.strategy.options,
+        "strategy": cell.arm, "strategy_options": cell.strategy.options,
+        "augment": cell.augment.id, "augment_options": cell.augment.options,
         "pair": cell.pair.id, "source": str(cell.pair.source), "target": str(cell.pair.target),
         "network": cell.network.name, "size": cell.network.size, "setup": cell.setup, "seed": cell.seed,
     }
@@ -55,6 +56,7 @@ def cell_config(matrix: Matrix, cell: Cell) -> dict[str, Any]:
         "transfer": matrix.train_config(cell).to_dict(),
         "source_pretrain": matrix.source_config(cell).to_dict(),
         "strategy": {"name": cell.strategy.name, "id": cell.strategy.id, "options": cell.strategy.options},
+        "augment": {"name": cell.augment.name, "id": cell.augment.id, "options": cell.augment.options},
         "metrics": dataclasses.asdict(matrix.metrics),
         "setup": matrix.setup(cell.setup).accelerate,
         "network": dataclasses.asdict(cell.network),

@@ -1,6 +1,6 @@
 """The benchmark matrix: a YAML file validated up front and expanded into cells.
 
-A cell is one (strategy, dataset pair, network, hardware setup, seed). Everything that can be
+A cell is one (strategy, augmentation, dataset pair, network, hardware setup, seed). Everything that can be
 wrong with a matrix (YAML syntax, unknown names and options, impossible sizes, datasets that are
 missing offline, duplicate cell ids) is found here, before anything is trained or written.
 """
@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ganlib.augment import AUGMENTS, build_augment
 from ganlib.config import TrainConfig
 from ganlib.data import DATASETS, FOLDER, DataSpec
 from ganlib.errors import UserError
@@ -29,7 +30,8 @@ PRESETS_DIR = importlib.resources.files("bench") / "presets"   # packaged matrix
 SETUPS_DIR = importlib.resources.files("bench") / "setups"     # packaged hardware setups
 # Fields of `train:` that the matrix owns itself (set per cell), so a matrix may not set them there.
 CELL_OWNED = {"net", "size", "width", "data", "strategy", "strategy_options", "source", "steps", "seed",
-              "out", "resume", "mixed_precision", "eval_every", "channels", "progress"}
+              "out", "resume", "mixed_precision", "eval_every", "channels", "progress", "augment",
+              "augment_options"}
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,18 @@ class StrategySpec:
     name: str
     options: dict[str, Any]
     id: str
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """An augmentation before D with its options; `id` names it in cell ids (defaults to its name)."""
+
+    name: str
+    options: dict[str, Any]
+    id: str
+
+
+NO_AUGMENT = AugmentSpec("none", {}, "none")
 
 
 @dataclass(frozen=True)
@@ -116,11 +130,17 @@ class Cell:
     setup: str
     seed: int
     with_network_id: bool = False
+    augment: AugmentSpec = NO_AUGMENT
+
+    @property
+    def arm(self) -> str:
+        """The strategy and augmentation, as records and reports name a row: `finetune`, `finetune+diffaugment`."""
+        return self.strategy.id if self.augment.id == "none" else f"{self.strategy.id}+{self.augment.id}"
 
     @property
     def id(self) -> str:
         net = f"-{self.network.id}" if self.with_network_id else ""
-        return f"{self.strategy.id}{net}-{self.pair.id}-{self.setup}-s{self.seed}"
+        return f"{self.arm}{net}-{self.pair.id}-{self.setup}-s{self.seed}"
 
 
 @dataclass
@@ -138,13 +158,15 @@ class Matrix:
     train: dict[str, Any] = field(default_factory=dict)
     metrics: MetricSpec = field(default_factory=MetricSpec)
     raw: dict[str, Any] = field(default_factory=dict)
+    # Augmentations per strategy id: the strategy entry's own `augment` list, else the matrix's.
+    augments: dict[str, list[AugmentSpec]] = field(default_factory=dict)
 
     def cells(self) -> list[Cell]:
         """All cells, setup-major (one launch per setup runs its cells in this order)."""
         many_nets = len(self.networks) > 1
-        return [Cell(s, p, n, setup.name, seed, many_nets)
+        return [Cell(s, p, n, setup.name, seed, many_nets, a)
                 for setup in self.setups for n in self.networks for p in self.pairs
-                for s in self.strategies for seed in self.seeds]
+                for s in self.strategies for a in self.augments.get(s.id, [NO_AUGMENT]) for seed in self.seeds]
 
     def setup(self, name: str) -> SetupSpec:
         return next(s for s in self.setups if s.name == name)
@@ -154,20 +176,22 @@ class Matrix:
         channels = native_channels(cell.pair.source)
         values = {**self.train, "net": cell.network.name, "size": cell.network.size, "width": cell.network.width,
                   "channels": channels, "data": str(cell.pair.target), "strategy": cell.strategy.name,
-                  "strategy_options": dict(cell.strategy.options), "steps": self.transfer_steps,
+                  "strategy_options": dict(cell.strategy.options), "augment": cell.augment.name,
+                  "augment_options": dict(cell.augment.options), "steps": self.transfer_steps,
                   "seed": cell.seed, "eval_every": self.metrics.eval_every, **overrides}
         return TrainConfig(**values).validate()
 
     def source_config(self, cell: Cell, **overrides) -> TrainConfig:
         """The pretraining TrainConfig of a cell's source (shared by every strategy of the pair)."""
         return self.train_config(cell, data=str(cell.pair.source), strategy="scratch", strategy_options={},
-                                 steps=self.source_steps, eval_every=0, **overrides)
+                                 augment="none", augment_options={}, steps=self.source_steps, eval_every=0,
+                                 **overrides)
 
 
 # ---------------------------------------------------------------------------------------------
 # loading and validation
 
-_TOP_KEYS = {"name", "description", "network", "networks", "pairs", "strategies", "setups", "seeds",
+_TOP_KEYS = {"name", "description", "network", "networks", "pairs", "strategies", "augment", "setups", "seeds",
              "source_steps", "transfer_steps", "train", "metrics"}
 
 
@@ -294,15 +318,18 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
                 DATASETS.get(spec.name)
         pairs.append(pair)
 
-    strategies = []
+    default_augments = _augments(data.get("augment", ["none"]), where)
+    strategies, augments = [], {}
     for item in _listify(_require(data, "strategies", where)):
         if isinstance(item, str):
             item = {"name": item}
-        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "options", "id"}:
-            raise UserError(f"{where}: each strategy is a name or {{name, options, id}}, got {item!r}")
+        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "options", "id", "augment"}:
+            raise UserError(f"{where}: each strategy is a name or {{name, options, id, augment}}, got {item!r}")
         options = item.get("options") or {}
         build_strategy(item["name"], options)  # unknown names and options fail here
-        strategies.append(StrategySpec(item["name"], dict(options), str(item.get("id", item["name"]))))
+        spec = StrategySpec(item["name"], dict(options), str(item.get("id", item["name"])))
+        strategies.append(spec)
+        augments[spec.id] = _augments(item["augment"], where) if "augment" in item else default_augments
 
     setups = [load_setup(str(s), where) for s in _listify(data.get("setups", ["cpu-1proc"]))]
     seeds = [_int(s, "seed") for s in _listify(data.get("seeds", [0]))]
@@ -329,9 +356,25 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     matrix = Matrix(name=name, networks=networks, pairs=pairs, strategies=strategies, setups=setups, seeds=seeds,
                     source_steps=_int(_require(data, "source_steps", where), "source_steps", 1),
                     transfer_steps=_int(_require(data, "transfer_steps", where), "transfer_steps", 1),
-                    train=train, metrics=metrics, raw=data)
+                    train=train, metrics=metrics, raw=data, augments=augments)
     _check_cells(matrix, where)
     return matrix
+
+
+def _augments(value: Any, where: str) -> list[AugmentSpec]:
+    """An `augment:` list (names or {name, options, id}) as specs; unknown names and options fail here."""
+    specs = []
+    for item in _listify(value):
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "options", "id"}:
+            raise UserError(f"{where}: each augment is a name or {{name, options, id}}, got {item!r}")
+        options = item.get("options") or {}
+        build_augment(item["name"], options)
+        specs.append(AugmentSpec(item["name"], dict(options), str(item.get("id", item["name"]))))
+    if not specs:
+        raise UserError(f"{where}: augment is an empty list; give at least one (none for no augmentation)")
+    return specs
 
 
 def _check_cells(matrix: Matrix, where: str) -> None:
@@ -386,14 +429,14 @@ def filter_cells(cells: list[Cell], only: str | None) -> list[Cell]:
     wanted: dict[str, list[str]] = {}
     for part in only.split(","):
         key, sep, pattern = part.partition("=")
-        if not sep or key not in ("strategy", "pair", "setup", "seed", "network", "cell"):
-            raise UserError(f"--only {part!r}: expected key=pattern with key in strategy, pair, setup, seed, "
-                            "network, cell")
+        if not sep or key not in ("strategy", "augment", "pair", "setup", "seed", "network", "cell"):
+            raise UserError(f"--only {part!r}: expected key=pattern with key in strategy, augment, pair, setup, "
+                            "seed, network, cell")
         wanted.setdefault(key, []).append(pattern)
 
     def value(cell: Cell, key: str) -> str:
-        return {"strategy": cell.strategy.id, "pair": cell.pair.id, "setup": cell.setup, "seed": str(cell.seed),
-                "network": cell.network.id, "cell": cell.id}[key]
+        return {"strategy": cell.strategy.id, "augment": cell.augment.id, "pair": cell.pair.id, "setup": cell.setup,
+                "seed": str(cell.seed), "network": cell.network.id, "cell": cell.id}[key]
 
     kept = [c for c in cells if all(any(fnmatch.fnmatchcase(value(c, k), p) for p in pats)
                                     for k, pats in wanted.items())]
@@ -404,3 +447,12 @@ def filter_cells(cells: list[Cell], only: str | None) -> list[Cell]:
 
 def strategies_help() -> list[tuple[str, str]]:
     return [(n, STRATEGIES.get(n).paper) for n in STRATEGIES.names()]
+
+
+def augments_help() -> list[tuple[str, str]]:
+    """Each registered augmentation with its description and options (defaults), for `bench list`."""
+    rows = []
+    for n in AUGMENTS.names():
+        options = ", ".join(f"{k}={v}" for k, v in build_augment(n).options_dict().items())
+        rows.append((n, AUGMENTS.get(n).description + (f" [{options}]" if options else "")))
+    return rows

@@ -313,8 +313,8 @@ def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | No
     if not resuming:
         raw = dict(matrix.raw, setups=[str(setup_file)])
         matrix = parse_matrix(raw, "matrix")
-        wanted = {(c.strategy.id, c.pair.id, c.network.id, c.seed) for c in cells}
-        cells = [c for c in matrix.cells() if (c.strategy.id, c.pair.id, c.network.id, c.seed) in wanted]
+        wanted = {(c.arm, c.pair.id, c.network.id, c.seed) for c in cells}
+        cells = [c for c in matrix.cells() if (c.arm, c.pair.id, c.network.id, c.seed) in wanted]
         if accelerator.is_main_process:
             write_plan(run_dir, matrix, run_id, cells)
         accelerator.wait_for_everyone()

@@ -39,6 +39,8 @@ class TrainConfig:
     seed: int = 0                 # seeds weights, data order and latents (each process its own stream)
     strategy: str = "scratch"     # transfer strategy (ganlib.strategies)
     strategy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"layers": 2}
+    augment: str = "none"         # augmentation before D, real and fake: none | diffaugment | ada (ganlib.augment)
+    augment_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"target": 0.6} for ada
     source: str = ""              # directory holding the source generator/discriminator .safetensors
     mixed_precision: str = ""     # no | bf16 | fp16; "" = whatever `accelerate launch` configured
     compile: bool = False         # torch.compile the networks (kernels cached in $GANBENCH_CACHE/inductor)
@@ -115,12 +117,12 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message}; see --help")
 
 
-def _parse_options(items: list[str]) -> dict[str, Any]:
+def _parse_options(items: list[str], flag: str = "--strategy-opt", example: str = "layers=2") -> dict[str, Any]:
     options: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UserError(f"--strategy-opt {item!r} must look like name=value, e.g. layers=2")
+            raise UserError(f"{flag} {item!r} must look like name=value, e.g. {example}")
         options[key] = value
     return options
 
@@ -135,6 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name == "strategy_options":
             parser.add_argument("--strategy-opt", action="append", default=[], metavar="NAME=VALUE",
                                 help="strategy option, repeatable (e.g. layers=2)")
+        elif f.name == "augment_options":
+            parser.add_argument("--augment-opt", action="append", default=[], metavar="NAME=VALUE",
+                                help="augmentation option, repeatable (e.g. target=0.6)")
         elif typ is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
         else:
@@ -142,5 +147,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_arguments(args: argparse.Namespace) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name != "strategy_options"}
-    return TrainConfig(**values, strategy_options=_parse_options(args.strategy_opt)).validate()
+    options = ("strategy_options", "augment_options")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name not in options}
+    return TrainConfig(**values, strategy_options=_parse_options(args.strategy_opt),
+                       augment_options=_parse_options(args.augment_opt, "--augment-opt", "target=0.6")).validate()

@@ -43,6 +43,7 @@ _NOT_IN_KEY = frozenset({
     "out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every",
     "data_root", "download", "compile", "memory_format", "strategy", "strategy_options", "source",
     "mixed_precision",  # replaced by the precision the accelerator actually runs
+    "augment", "augment_options",  # a source is always pretrained without augmentation
 })
 
 
@@ -52,9 +53,10 @@ def default_cache_dir() -> Path:
 
 
 def source_config(cfg: TrainConfig) -> TrainConfig:
-    """The config a source is trained with: `cfg` from scratch, no source, no resume, no eval."""
+    """The config a source is trained with: `cfg` from scratch, no source, no resume, no eval, and no
+    augmentation (every strategy and augmentation of a pair transfers from the same source)."""
     return dataclasses.replace(cfg, strategy="scratch", strategy_options={}, source="", resume=False,
-                               eval_every=0, ckpt_every=0)
+                               eval_every=0, ckpt_every=0, augment="none", augment_options={})
 
 
 def source_key_fields(cfg: TrainConfig, num_processes: int, mixed_precision: str) -> dict[str, Any]:

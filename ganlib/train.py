@@ -5,7 +5,8 @@ or the same under `accelerate launch` (any number of processes, any precision).
 
 Each step is a list of phases as in stylegan2-ada: a D phase (adversarial loss, lazy R1) and a G
 phase (adversarial loss plus the strategy's extra losses). The strategy switches phases and
-trainable sets on and off; the loop never forks. Losses stay on the device and are read back only
+trainable sets on and off; the loop never forks. D sees every image, real or fake, through the
+configured augmentation (ganlib.augment), in both phases. Losses stay on the device and are read back only
 every `log_every` steps, so there is no host sync inside a step.
 """
 
@@ -30,6 +31,7 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from ganlib import checkpoint as ckpt
+from ganlib.augment import build_augment
 from ganlib.config import ArgumentParser, TrainConfig, add_arguments, from_arguments
 from ganlib.data import DATASETS, FOLDER, DataSpec, DeviceBatcher, load_images
 from ganlib.distributed import (broadcast_buffers, broadcast_object, gather_floats, make_accelerator, shutdown,
@@ -91,7 +93,30 @@ def fingerprint(cfg: TrainConfig) -> str:
     keep = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
     # Typed and with defaults filled in, so layers="2" (CLI), layers=2 (YAML) and no option hash alike.
     keep["strategy_options"] = build_strategy(cfg.strategy, cfg.strategy_options).options_dict()
+    if cfg.augment == "none":  # runs from before the augmentation axis keep their fingerprint
+        del keep["augment"], keep["augment_options"]
+    else:
+        keep["augment_options"] = build_augment(cfg.augment, cfg.augment_options).options_dict()
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def source_norm_stats(module: nn.Module, active: bool):
+    """Inside: `module`'s BatchNorm layers normalise with their running (source) statistics and do
+    not update them, as in eval mode; the rest of the module keeps its mode. Used while G is frozen
+    (MineGAN's stage 1) or its statistics are fixed (scale_shift): in train mode a BatchNorm would
+    re-normalise away any shift or scale of its input, such as the one a latent miner learns."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if not active:
+        yield
+        return
+    for m in norms:
+        m.train(False)
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train(True)
 
 
 @contextmanager
@@ -153,6 +178,7 @@ class Trainer:
         self.loss = loss = LOSSES.get(cfg.loss)
         family = NETWORKS.get(cfg.net)
         self.strategy = strategy = build_strategy(cfg.strategy, cfg.strategy_options)
+        self.augment = build_augment(cfg.augment, cfg.augment_options).to(device)
         channels = cfg.channels or native_channels(cfg.data)
         images = load_images(cfg.data, cfg.size, channels, root=cfg.data_root or None, download=cfg.download).images
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
@@ -181,7 +207,7 @@ class Trainer:
         G.to(device)
         D.to(device)
         strategy.setup(SetupContext(G=G, D=D, family=family, loss=loss, device=device, seed=cfg.seed,
-                                    total_steps=cfg.steps, batch_size=cfg.batch))
+                                    total_steps=cfg.steps, batch_size=cfg.batch, num_images=len(images)))
         for extra in (*strategy.extra_g_modules.values(), *strategy.extra_d_modules.values()):
             extra.to(device)
         if images.dim() == 4 and uses_channels_last(cfg.memory_format, device):
@@ -211,6 +237,11 @@ class Trainer:
         self.z_gen = torch.Generator(device=device)
         self.z_gen.manual_seed(cfg.seed * 1000 + 500 + rank)
         self.generators = {"data": self.batcher.generator, "latent": self.z_gen}
+        # Each process augments its own images with its own stream, as it draws its own data and latents.
+        self.aug_gen = torch.Generator(device=device)
+        self.aug_gen.manual_seed(cfg.seed * 1000 + 700 + rank)
+        if cfg.augment != "none":  # checkpoints of runs without augmentation hold no such stream
+            self.generators["augment"] = self.aug_gen
         self.fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)
                                    ).to(device)
         # fp16's loss scale is optimiser state too: without it a resumed run is not the same run.
@@ -238,6 +269,7 @@ class Trainer:
             self.fid_curve.extend(progress["curves"]["fid"])
             self.pending = [{k: torch.tensor(v, device=self.device) for k, v in logs.items()}
                             for logs in progress["unread"]]
+            self.augment.load_state_dict(progress.get("augment", {}), self.accelerator.is_main_process)
 
     def _modules_to_save(self) -> dict[str, nn.Module]:
         modules = {"generator": unwrap(self.accelerator, self.G), "discriminator": unwrap(self.accelerator, self.D),
@@ -255,7 +287,7 @@ class Trainer:
         unread = [dict(zip(sorted(logs), accelerator.reduce(torch.stack([logs[k].float() for k in sorted(logs)]),
                                                              reduction="mean").cpu().tolist())) for logs in self.pending]
         progress = {"train_s": self.train_seconds, "curves": {"train": self.train_curve, "fid": self.fid_curve},
-                    "unread": unread}
+                    "unread": unread, "augment": self.augment.state_dict(self._reduce_sum)}
         tmp = ckpt.begin_checkpoint(self.resume_dir) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         ckpt.write_rng(self.resume_dir.with_name(f".{self.resume_dir.name}.tmp"), self.rank,
@@ -268,6 +300,9 @@ class Trainer:
                                          "num_processes": self.world,
                                          "mixed_precision": accelerator.mixed_precision, "progress": progress})
         accelerator.wait_for_everyone()
+
+    def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="sum")
 
     def eval_generator(self) -> nn.Module:
         """The generator to sample from: the EMA when on, else G itself, unwrapped."""
@@ -291,10 +326,12 @@ class Trainer:
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         """One training step (D phase, G phase, as the strategy plans); returns its losses, on the device."""
-        cfg, accelerator, strategy, G, D = self.cfg, self.accelerator, self.strategy, self.G, self.D
+        cfg, accelerator, strategy, G, D, augment = (self.cfg, self.accelerator, self.strategy, self.G, self.D,
+                                                     self.augment)
         plan = strategy.plan(step)
         logs: dict[str, torch.Tensor] = {}
         with ExitStack() as g_phase:
+            g_phase.enter_context(source_norm_stats(G, active=plan.g_source_stats))
             g_out = None
             if plan.train_g:
                 # One G forward per step: the D phase scores these images detached and the G phase
@@ -317,10 +354,13 @@ class Trainer:
                 if do_r1:
                     real.requires_grad_(True)
                 with accelerator.autocast():
-                    real_logits = strategy.discriminate(D, real, step)
-                    fake_logits = strategy.discriminate(D, fake, step)
+                    # D sees only augmented images; R1 differentiates with respect to the reals before
+                    # augmentation, through it, as stylegan2-ada does.
+                    real_logits = strategy.discriminate(D, augment(real, self.aug_gen), step)
+                    fake_logits = strategy.discriminate(D, augment(fake, self.aug_gen), step)
                     loss_d = self.loss.d_loss(real_logits, fake_logits)
                     logs["loss/D"] = loss_d.detach()
+                    augment.observe(real_logits)
                     if do_r1:
                         penalty = r1_penalty(real_logits, real)
                         logs["loss/D/r1"] = penalty.detach()
@@ -333,7 +373,7 @@ class Trainer:
                 fake, feats = g_out
                 with frozen_for_phase(accelerator, self.d_modules, self.d_params, active=False):
                     with accelerator.autocast():
-                        loss_g = self.loss.g_loss(strategy.discriminate(D, fake, step))
+                        loss_g = self.loss.g_loss(strategy.discriminate(D, augment(fake, self.aug_gen), step))
                         logs["loss/G"] = loss_g.detach()
                         extra = strategy.g_extra_losses(GStepContext(step=step, z=z_in, fake=fake,
                                                                      g_features=feats, G=G))
@@ -350,6 +390,8 @@ class Trainer:
                     torch._foreach_lerp_(list(self.ema.parameters()), list(src.parameters()), 1.0 - cfg.ema_decay)
                     for b_ema, b in zip(self.ema.buffers(), src.buffers()):
                         b_ema.copy_(b)
+        augment.end_step(step, self._reduce_sum)
+        logs.update(augment.logs())
         return logs
 
     def run(self) -> TrainResult:

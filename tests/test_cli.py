@@ -196,9 +196,10 @@ def test_dry_run_lists_every_cell_and_starts_nothing(tmp_path, capsys):
 def test_dry_run_of_the_default_preset_with_only(tmp_path, capsys):
     code, out, _ = run_cli(["run", "--dry-run", "--only", "strategy=finetune", "--wandb", "disabled"], capsys)
     assert code == 0
-    expected = [c.id for c in load_matrix("default").cells() if c.strategy.id == "finetune"]
+    matrix = load_matrix("default")
+    expected = [c.id for c in matrix.cells() if c.strategy.id == "finetune"]
     listed = _listed(out)
-    assert listed == expected and len(expected) == len(load_matrix("default").pairs)
+    assert listed == expected and len(expected) == len(matrix.pairs) * len(matrix.augments["finetune"])
     assert not (tmp_path / "runs").exists()
 
 

@@ -38,7 +38,8 @@ def test_defaults_parse_to_the_default_config():
     assert parse() == TrainConfig()
 
 
-@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig) if f.name != "strategy_options"])
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig)
+                                  if f.name not in ("strategy_options", "augment_options")])
 def test_every_field_has_a_flag_that_sets_it(name):
     new, argv = _other_value(name, getattr(TrainConfig(), name))
     cfg = parse(*argv)
@@ -100,3 +101,10 @@ def test_cli_usage_errors_exit_2_with_one_line(argv, words, capsys, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0]
     assert captured.out == ""
     assert not out.exists()
+
+
+def test_augment_options_come_from_repeated_augment_opt_flags():
+    cfg = parse("--augment", "ada", "--augment-opt", "target=0.7", "--augment-opt", "interval=2")
+    assert cfg.augment == "ada" and cfg.augment_options == {"target": "0.7", "interval": "2"}
+    with pytest.raises(UserError, match="--augment-opt 'target'"):
+        parse("--augment-opt", "target")

@@ -46,7 +46,10 @@ def test_every_preset_loads_and_expands_to_its_product(name):
     matrix = load_matrix(name)
     raw = read_yaml(PRESETS_DIR.joinpath(f"{name}.yaml").read_text(), name)
     n_nets = len(raw["networks"]) if "networks" in raw else 1
-    expected = n_nets * len(raw["pairs"]) * len(raw["strategies"]) * len(raw["setups"]) * len(raw["seeds"])
+    # each strategy entry runs with its own `augment` list, else the matrix's (default: none only)
+    arms = sum(len(s.get("augment", raw.get("augment", ["none"]))) if isinstance(s, dict)
+               else len(raw.get("augment", ["none"])) for s in raw["strategies"])
+    expected = n_nets * len(raw["pairs"]) * arms * len(raw["setups"]) * len(raw["seeds"])
     cells = matrix.cells()
     assert len(cells) == expected
     assert len({c.id for c in cells}) == len(cells)
@@ -158,6 +161,13 @@ BAD = [
     ("negative seed", dict(seeds=[-1]), ["seed"]),
     ("train not a mapping", dict(train=["batch: 16"]), ["train", "mapping"]),
     ("metrics not a mapping", dict(metrics=[100]), ["metrics", "mapping"]),
+    ("unknown augment", dict(augment=["none", "mixup"]), ["mixup"]),
+    ("augment option that does not exist", dict(augment=[{"name": "ada", "options": {"speed": 2}}]),
+     ["speed", "ada"]),
+    ("augment set in train", dict(train={"augment": "ada"}), ["train.augment"]),
+    ("empty augment list", dict(augment=[]), ["augment"]),
+    ("strategy augment entry with a typo", dict(strategies=[{"name": "finetune", "augment": [{"nam": "ada"}]}]),
+     ["nam"]),
 ]
 
 
@@ -257,3 +267,23 @@ def test_every_registered_strategy_can_be_a_matrix_cell():
     matrix = parse_matrix(_tiny(strategies=STRATEGIES.names(), setups=["cpu-1proc"], seeds=[0]), "m.yaml")
     assert [c.strategy.name for c in matrix.cells()] == STRATEGIES.names()
     assert len({c.id for c in matrix.cells()}) == len(STRATEGIES.names())
+
+
+def test_augment_is_an_axis_for_all_strategies_or_per_strategy_entry():
+    strategies = ["scratch", {"name": "finetune", "augment": ["none", {"name": "ada", "options": {"target": 0.7}}]}]
+    matrix = parse_matrix(_tiny(strategies=strategies, augment=["diffaugment"], setups=["cpu-1proc"], seeds=[0]),
+                          "m.yaml")
+    cells = matrix.cells()
+    pair = "mnist5k-c0-4_2_mnist5k-c5-9-n25"
+    # ids of cells without augmentation are unchanged; the others name it after the strategy
+    assert [c.id for c in cells] == [f"scratch+diffaugment-{pair}-cpu-1proc-s0", f"finetune-{pair}-cpu-1proc-s0",
+                                     f"finetune+ada-{pair}-cpu-1proc-s0"]
+    cfg = matrix.train_config(cells[2])
+    assert cfg.augment == "ada" and cfg.augment_options == {"target": 0.7}
+    assert matrix.train_config(cells[1]).augment == "none"
+    assert matrix.source_config(cells[0]).augment == "none"  # sources never augment: one per pair
+    assert [c.id for c in filter_cells(cells, "augment=ada")] == [cells[2].id]
+    from bench.cell import identity
+    record = identity(matrix, cells[2], "r")
+    assert record["strategy"] == "finetune+ada" and record["augment"] == "ada"
+    assert record["augment_options"] == {"target": 0.7}

@@ -73,7 +73,7 @@ def _all_d(G, D, options):
 
 
 def _d_input_blocks(G, D, options):
-    k = options.get("layers", 2)
+    k = options.get("layers", 1)
     return {("discriminator", n) for n, _ in D.named_parameters()
             if any(n.startswith(f"blocks.{i}.") for i in range(k))}
 
@@ -303,6 +303,105 @@ def test_ewc_with_large_lambda_moves_g_less_than_finetune(monkeypatch, tmp_path,
     assert ewc.metrics["loss/G/ewc"] > 1e3 * weak.metrics["loss/G/ewc"] > 0
 
 
+def _source_g(source, family: str) -> nn.Module:
+    torch.manual_seed(0)
+    G, _ = build_networks(NetConfig(FAMILIES[family]["net"], FAMILIES[family]["size"], 1, TINY["latent_dim"],
+                                    TINY["width"]))
+    G.load_state_dict(load_file(str(source(family) / "generator.safetensors")))
+    return G.eval()
+
+
+@pytest.mark.parametrize("family", ["mlp", "dcgan"])
+def test_minegan_stage1_reaches_the_images_and_leaves_g_bitwise(monkeypatch, tmp_path, source, family):
+    """In stage 1 G runs with the source BatchNorm statistics: every G tensor, buffers included, is the
+    source's, and the samples for fixed z move, because the miner's shift and scale of the latents
+    is no longer normalised away."""
+    run = run_strategy(monkeypatch, tmp_path, source, "minegan", family, steps=6,
+                       strategy_options={"stage1_steps": 6}, lr_g=2e-3)
+    for name, t in run.source["generator"].items():
+        assert torch.equal(run.final["generator"][name], t), name
+    from ganlib.strategies.regularized import Miner
+
+    G = _source_g(source, family)
+    miner = Miner(TINY["latent_dim"], TINY["latent_dim"])
+    miner.load_state_dict(run.final["miner"])
+    z = torch.randn(64, TINY["latent_dim"], generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, after = G(z), G(miner(z))
+    moved = (after - before).abs().mean() / before.std(0).mean()
+    assert moved > 0.02, f"samples moved by {moved:.4f} of their spread"
+
+
+def test_scale_shift_keeps_the_source_statistics_and_every_non_affine_tensor(monkeypatch, tmp_path, source):
+    run = run_strategy(monkeypatch, tmp_path, source, "scale_shift", "dcgan", steps=4)
+    affine = {n for n, _ in run.G.named_parameters() if ("generator", n) not in
+              _g_except_norm_affine(run.G, run.D, {})}
+    kept = [n for n in run.source["generator"] if n not in affine]
+    assert any("running_mean" in n for n in kept) and any("num_batches_tracked" in n for n in kept)
+    for name in kept:
+        assert torch.equal(run.final["generator"][name], run.source["generator"][name]), name
+    assert all(not torch.equal(run.final["generator"][n], run.source["generator"][n]) for n in affine)
+
+
+@pytest.mark.parametrize("family", ["mlp", "dcgan"])
+def test_ewc_fisher_is_the_mean_squared_per_sample_gradient(source, family):
+    """torch.func's vectorised per-sample gradients against a plain loop, one latent at a time, with
+    G's and D's BatchNorm on their source statistics."""
+    from ganlib.losses import LOSSES
+    from ganlib.strategies.regularized import fisher_mode, per_sample_fisher
+
+    torch.manual_seed(0)
+    cfg = NetConfig(FAMILIES[family]["net"], FAMILIES[family]["size"], 1, TINY["latent_dim"], TINY["width"])
+    G, D = build_networks(cfg)
+    for module, stem in ((G, "generator"), (D, "discriminator")):
+        module.load_state_dict(load_file(str(source(family) / f"{stem}.safetensors")))
+    g_loss = LOSSES.get("nonsat").g_loss
+    z = torch.randn(10, TINY["latent_dim"], generator=torch.Generator().manual_seed(3))
+    names = [n for n, _ in G.named_parameters()]
+    state = {k: v.clone() for k, v in (*G.state_dict().items(), *D.state_dict(prefix="D.").items())}
+    params = [p for _, p in G.named_parameters()]
+    expected = [torch.zeros_like(p) for p in params]
+    with fisher_mode(G, D, z, chunk=4):
+        fisher = per_sample_fisher(G, D, g_loss, names, z, chunk=4)
+        for i in range(z.shape[0]):
+            grads = torch.autograd.grad(g_loss(D(G(z[i:i + 1]))), params)
+            for e, g in zip(expected, grads):
+                e.add_(g.square() / z.shape[0])
+    assert G.training and D.training  # modes restored, and every buffer
+    after = {**G.state_dict(), **D.state_dict(prefix="D.")}
+    assert all(torch.equal(v, after[k]) for k, v in state.items())
+    for n, e in zip(names, expected):
+        torch.testing.assert_close(fisher[n], e, rtol=1e-4, atol=1e-12, msg=n)
+    assert any(e.abs().sum() > 0 for e in expected)
+
+
+def test_cdc_draws_near_one_anchor_per_training_image_and_scores_shallow_patches(source):
+    from ganlib.losses import LOSSES
+    from ganlib.strategies import SetupContext
+
+    torch.manual_seed(0)
+    G, D = build_networks(NetConfig("dcgan", 28, 1, TINY["latent_dim"], TINY["width"]))
+    cdc = build_strategy("cdc")
+    assert cdc.options.anchor_std == 0.1
+    cdc.setup(SetupContext(G=G, D=D, family=NETWORKS.get("dcgan"), loss=LOSSES.get("nonsat"),
+                           device=torch.device("cpu"), seed=0, total_steps=1, batch_size=8, num_images=25))
+    assert cdc.anchor_z.shape == (25, TINY["latent_dim"])
+    z = torch.randn(200, TINY["latent_dim"])
+    near = cdc.map_latent(z, 0)                        # step 0 is an anchor step
+    offsets = near - 0.1 * z                           # each row: one of the anchors
+    hits = (offsets[:, None] - cdc.anchor_z[None]).norm(dim=2).min(1)
+    assert hits.values.max() < 1e-5
+    assert len(set(hits.indices.tolist())) > 20        # random anchors, not the first batch-size ones
+    assert torch.equal(cdc.map_latent(z, 1), z)        # other steps: the ordinary prior
+    images = torch.zeros(3, 1, 28, 28)
+    assert cdc.discriminate(D, images, 1).shape == (3, 14 * 14)   # patches of D's first block (14x14)
+    assert cdc.discriminate(D, images, 0).shape == (3,)
+
+
+def test_freeze_d_freezes_one_block_by_default():
+    assert build_strategy("freeze_d").options.layers == 1
+
+
 def test_scratch_never_reads_the_source(monkeypatch, tmp_path, source):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
@@ -347,7 +446,7 @@ def test_cdc_loss_is_zero_when_target_equals_source_and_positive_after_a_change(
     G, D = build_networks(NetConfig("dcgan", 28, 1, TINY["latent_dim"], TINY["width"]))
     cdc = build_strategy("cdc")
     cdc.setup(SetupContext(G=G, D=D, family=NETWORKS.get("dcgan"), loss=LOSSES.get("nonsat"),
-                           device=torch.device("cpu"), seed=0, total_steps=1, batch_size=8))
+                           device=torch.device("cpu"), seed=0, total_steps=1, batch_size=8, num_images=25))
     z = torch.randn(8, TINY["latent_dim"])
     _, feats = G(z, return_features=True)
     assert cdc.g_extra_losses(GStepContext(step=1, z=z, fake=None, g_features=feats, G=G))["cdc"].item() \
@@ -420,6 +519,8 @@ def test_option_values_from_the_command_line_are_parsed_strictly():
 # --- two processes (DDP on CPU) ---------------------------------------------------------------------
 
 DDP_STRATEGIES = ("freeze_d", "two_phase", "minegan")
+# freeze_d also runs with ADA: each rank augments its own images, p must be the same on both
+DDP_AUGMENT = {"freeze_d": {"augment": "ada", "augment_options": {"interval": 1, "ramp_kimg": 0.16, "p_init": 0.5}}}
 DDP_SCRIPT = textwrap.dedent('''
     """Run freeze_d, two_phase and minegan under DDP; every rank saves its own parameter snapshots."""
     import json, sys
@@ -432,6 +533,7 @@ DDP_SCRIPT = textwrap.dedent('''
     from ganlib.distributed import make_accelerator, shutdown
 
     source, out_root, options = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
+    AUGMENT = %(augment)r
     accelerator = make_accelerator("no")
     rank = accelerator.process_index
     captured = {}
@@ -452,6 +554,17 @@ DDP_SCRIPT = textwrap.dedent('''
         module = getattr(module, "module", module)
         return {n: p.detach().cpu().clone() for n, p in module.named_parameters()}
 
+    ada_p = []  # this rank's ADA probability after every step (freeze_d runs with ada)
+    real_step = T.Trainer.step
+
+    def recording_step(self, step):
+        logs = real_step(self, step)
+        if self.cfg.augment == "ada":
+            ada_p.append(float(self.augment.p))
+        return logs
+
+    T.Trainer.step = recording_step
+
     for name in %(strategies)r:
         out = out_root / name
 
@@ -465,11 +578,12 @@ DDP_SCRIPT = textwrap.dedent('''
         cfg = TrainConfig(net="dcgan", size=28, width=8, latent_dim=16, batch=8, steps=%(steps)d,
                           data="mnist5k:classes=5-9:n=25", strategy=name, strategy_options=options.get(name, {}),
                           source=source, out=str(out), eval_every=%(steps)d // 2, log_every=1,
-                          warmup_steps=0, progress=False)
+                          warmup_steps=0, progress=False, **AUGMENT.get(name, {}))
         result = T.train(cfg, accelerator, eval_fn=eval_fn)
         (out_root / f"{name}-rank{rank}-metrics.json").write_text(json.dumps(result.metrics))
+    (out_root / f"ada-p-rank{rank}.json").write_text(json.dumps(ada_p))
     shutdown(accelerator)
-''') % {"strategies": DDP_STRATEGIES, "steps": STEPS}
+''') % {"strategies": DDP_STRATEGIES, "steps": STEPS, "augment": DDP_AUGMENT}
 
 
 def _free_port() -> int:
@@ -527,6 +641,10 @@ def test_ddp_two_processes_train_what_the_table_says(tmp_path, source):
             for stem, params in stems.items():
                 for n, t in params.items():
                     assert torch.equal(t, per_rank[1][step][stem][n]), f"{name} {stem}.{n} step {step}"
+        # ADA's p is synchronised: the same on both ranks after every step, and it moved.
+        if name in DDP_AUGMENT:
+            p0, p1 = (json.loads((out_root / f"ada-p-rank{r}.json").read_text()) for r in (0, 1))
+            assert len(p0) == STEPS and p0 == p1 and len(set(p0)) > 1, (p0, p1)
         # Rank 0 wrote the outputs, with the final weights every rank holds.
         final = load_dir(out_root / name)
         for stem in ("generator", "discriminator"):

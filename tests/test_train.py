@@ -223,7 +223,7 @@ def _save_source(folder: Path, seed: int = 123) -> Path:
 def test_resume_accepts_strategy_options_however_written(tiny_config, tmp_path, capsys):
     # CLI strings, YAML ints and defaults are one configuration: the fingerprint must agree.
     source = _save_source(tmp_path / "source")
-    cfg = tiny_config(steps=2, strategy="freeze_d", strategy_options={"layers": 2}, source=str(source))
+    cfg = tiny_config(steps=2, strategy="freeze_d", strategy_options={"layers": 1}, source=str(source))
     train(cfg)
     before = snapshot(Path(cfg.out))
     code, err = run_main([*TINY_ARGS, "--steps", "2", "--strategy", "freeze_d", "--source", str(source),

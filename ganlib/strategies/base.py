@@ -2,9 +2,10 @@
 
 A strategy never forks the loop. It decides (1) which parameters are trainable at all (permanent
 freezing happens before optimisers and DDP are built, so frozen tensors get no optimiser state and
-no gradient all-reduce), (2) per step, which phases run (D step, G step) and whether G's own body
-trains in the G step, (3) how latents are mapped before G (MineGAN's miner), (4) how D scores images
-(CDC's patch-level head) and (5) extra loss terms, logged as `loss/G/<name>` and `loss/D/<name>`.
+no gradient all-reduce), (2) per step, which phases run (D step, G step), whether G's own body
+trains in the G step and whether G's BatchNorm uses the source statistics, (3) how latents are
+mapped before G (MineGAN's miner), (4) how D scores images (CDC's patch-level head) and (5) extra
+loss terms, logged as `loss/G/<name>` and `loss/D/<name>`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ class StepPlan:
     train_d: bool = True  # run the D phase
     train_g: bool = True  # run the G phase
     g_body: bool = True   # in the G phase, G's own weights train (False: only G-side extras, e.g. a miner)
+    g_source_stats: bool = False  # G's BatchNorm layers normalise with the running (source) statistics and
+                                  # leave them as they are, as in eval mode (ganlib.train.source_norm_stats)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class SetupContext:
     seed: int
     total_steps: int
     batch_size: int
+    num_images: int = 0          # training images on this process (the target set); 0 = unknown
 
 
 @dataclass

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from ganlib.errors import UserError
 from ganlib.strategies.base import GStepContext, Options, SetupContext, StepPlan, Strategy
@@ -15,17 +17,19 @@ from ganlib.strategies.base import GStepContext, Options, SetupContext, StepPlan
 
 @dataclass
 class EWCOptions(Options):
-    lam: float = 1e3            # weight of the EWC penalty, calibrated for our Fisher estimator (docs/strategies.md)
-    fisher_samples: int = 256   # latents used to estimate the Fisher information at the source weights
-    fisher_batch: int = 16      # latents per gradient in the Fisher estimate (a per-batch estimator, see docs)
+    lam: float = 370.0          # weight of the EWC penalty, calibrated for our per-sample Fisher (docs/strategies.md)
+    fisher_samples: int = 256   # latents whose per-sample gradients estimate the Fisher at the source weights
+    fisher_batch: int = 64      # latents per vectorised chunk of the estimate (memory only: the result is the same)
 
 
 class EWC(Strategy):
     """All of G and D, with lambda * sum_i F_i (theta_i - theta_src_i)^2 on G (Li et al. 2020).
 
-    F_i is the mean squared gradient of the G loss with respect to G's weights at the source weights,
-    estimated over `fisher_samples` latents in batches of `fisher_batch` (BatchNorm needs batches).
-    Fisher and anchor are fp32 on the training device, identical on every process (same seed).
+    F_i is the mean over `fisher_samples` latents of the squared per-sample gradient of the G loss
+    with respect to G's weights, at the source weights: the empirical Fisher, as in the paper.
+    Per-sample gradients need G and D to score one image at a time, so their BatchNorm statistics are
+    fixed for the estimate (`fisher_mode`). Fisher and anchor are fp32 on the training device,
+    identical on every process (same seed).
     """
 
     name = "ewc"
@@ -35,36 +39,87 @@ class EWC(Strategy):
     def validate(self) -> None:
         if self.options.lam < 0:
             raise UserError(f"ewc lam={self.options.lam} must be >= 0")
-        if self.options.fisher_samples < 2 or self.options.fisher_batch < 2:
+        if self.options.fisher_samples < 1 or self.options.fisher_batch < 1:
             raise UserError(f"ewc fisher_samples={self.options.fisher_samples} and "
-                            f"fisher_batch={self.options.fisher_batch} must both be >= 2")
+                            f"fisher_batch={self.options.fisher_batch} must both be >= 1")
 
     def setup(self, ctx: SetupContext) -> None:
         super().setup(ctx)
-        G, D = ctx.G, ctx.D
-        params = [p for p in G.parameters() if p.requires_grad]
-        buffers = [b.clone() for b in (*G.buffers(), *D.buffers())]  # the estimate must not move BN stats
+        G = ctx.G
+        named = {n: p for n, p in G.named_parameters() if p.requires_grad}
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 7919)
-        fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        batch = min(self.options.fisher_batch, self.options.fisher_samples)
-        batches = max(1, self.options.fisher_samples // batch)
-        for _ in range(batches):
-            z = torch.randn(batch, G.latent_dim, device=ctx.device, generator=gen)
-            loss = ctx.loss.g_loss(D(G(z)))
-            grads = torch.autograd.grad(loss, params)
-            for f, g in zip(fisher, grads):
-                f.add_(g.float().square(), alpha=1.0 / batches)
-        with torch.no_grad():
-            for b, saved in zip((*G.buffers(), *D.buffers()), buffers):
-                b.copy_(saved)
-        self.params = params  # the same Parameter objects train later (DDP wraps, it does not copy)
-        self.fisher = fisher
-        self.anchor = [p.detach().float().clone() for p in params]
+        z = torch.randn(self.options.fisher_samples, G.latent_dim, device=ctx.device, generator=gen)
+        with fisher_mode(G, ctx.D, z, self.options.fisher_batch):
+            fisher = per_sample_fisher(G, ctx.D, ctx.loss.g_loss, list(named), z, self.options.fisher_batch)
+        self.params = list(named.values())  # the same Parameter objects train later (DDP wraps, it does not copy)
+        self.fisher = [fisher[n] for n in named]
+        self.anchor = [p.detach().float().clone() for p in self.params]
 
     def g_extra_losses(self, ctx: GStepContext) -> dict[str, torch.Tensor]:
         penalty = sum((f * (p.float() - a).square()).sum()
                       for p, f, a in zip(self.params, self.fisher, self.anchor))
         return {"ewc": self.options.lam * penalty}
+
+
+@contextmanager
+def fisher_mode(G: nn.Module, D: nn.Module, z: torch.Tensor, chunk: int):
+    """Inside: G and D score one image at a time, as per-sample gradients need, with fixed BatchNorm
+    statistics: G's are its running (source) statistics; D's are the statistics of the source G's
+    fakes for `z` (one no-grad pass, averaged over chunks of `chunk`), because in training D
+    normalises batches of fakes by their own statistics (its running statistics are never read, and
+    can be far from them). Every mode and buffer of G and D is restored on the way out.
+    """
+    modes = [(m, m.training) for m in (*G.modules(), *D.modules())]
+    buffers = [(b, b.clone()) for b in (*G.buffers(), *D.buffers())]
+    norms = [m for m in D.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    try:
+        G.eval()
+        D.eval()
+        with torch.no_grad():
+            fakes = [G(part) for part in z.split(chunk)]
+            for m in norms:  # only BatchNorm in train mode: no spectral-norm power iteration runs
+                m.train()
+                m.momentum = None  # a plain average over the chunks
+                m.reset_running_stats()
+            for images in fakes:
+                D(images)
+            for m in norms:
+                m.eval()
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+
+
+def per_sample_fisher(G: nn.Module, D: nn.Module, g_loss, names: list[str], z: torch.Tensor,
+                      chunk: int) -> dict[str, torch.Tensor]:
+    """Mean over the rows of `z` of the squared gradient of g_loss(D(G(z_i))) for G's parameters `names`.
+
+    One latent at a time, vectorised (torch.func: functional_call + vmap(grad)), `chunk` latents per
+    call; G and D must be in a mode that scores single images (`fisher_mode`). fp32 results shaped
+    like the parameters.
+    """
+    state = {**{n: t.detach() for n, t in G.named_parameters()}, **dict(G.named_buffers())}
+    trained = {n: state.pop(n) for n in names}
+
+    def loss_one(params: dict[str, torch.Tensor], z1: torch.Tensor) -> torch.Tensor:
+        images = functional_call(G, {**state, **params}, (z1.unsqueeze(0),))
+        return g_loss(D(images))
+
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0))
+    fisher = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in trained.items()}
+    for part in z.split(chunk):
+        with torch.no_grad():  # torch.func.grad ignores an outer no_grad; D's weights get no graph
+            grads = per_sample(trained, part)
+        for n, g in grads.items():
+            fisher[n].add_(g.detach().float().square().sum(0))
+    return {n: f / z.shape[0] for n, f in fisher.items()}
 
 
 @dataclass
@@ -89,6 +144,9 @@ class Miner(nn.Module):
 class MineGAN(Strategy):
     """A miner network before G: stage 1 trains miner and D (G frozen), stage 2 miner, G and D.
 
+    In stage 1 G's BatchNorm layers run with the source statistics (eval mode): the paper's
+    generators have no BatchNorm, and a train-mode BatchNorm would normalise the miner's shift and
+    scale of the latents away, so nothing the miner learns would reach the images.
     Departure: the paper's miner is a plain MLP; ours is residual with a zero-initialised output so
     that step 0 reproduces the source generator exactly.
     """
@@ -115,7 +173,8 @@ class MineGAN(Strategy):
         return self._total_steps // 2 if s == -1 else min(s, self._total_steps)
 
     def plan(self, step: int) -> StepPlan:
-        return StepPlan(g_body=step >= self.stage1_steps())
+        stage2 = step >= self.stage1_steps()
+        return StepPlan(g_body=stage2, g_source_stats=not stage2)
 
     def map_latent(self, z: torch.Tensor, step: int | None) -> torch.Tensor:
         return self.extra_g_modules["miner"](z)
@@ -126,10 +185,10 @@ class CDCOptions(Options):
     kl_weight: float = 1000.0   # weight of the distance-consistency loss (the paper's kl_wt)
     pairs: int = 4              # latents whose pairwise similarities are compared (the paper's feat_const_batch)
     g_block: int = -1           # G block whose activations are compared (-1 = the last block before the head)
-    d_block: int = -2           # D block whose spatial feature feeds the patch-level head (-2 = second to last)
-    anchors: int = 10           # anchor latents for image-level adversarial training (the paper's few-shot size)
+    d_block: int = 0            # D block whose spatial map feeds the patch head (0 = first, highest resolution)
+    anchors: int = 0            # anchor latents for image-level adversarial loss; 0 = one per training image
     anchor_every: int = 4       # every this many steps the batch is drawn near the anchors (the paper's subspace_freq)
-    anchor_std: float = 0.05    # spread of latents around an anchor (the paper's subspace_std)
+    anchor_std: float = 0.1     # spread of latents around an anchor (the official subspace_std default)
 
 
 class CDC(Strategy):
@@ -138,8 +197,9 @@ class CDC(Strategy):
     For the first `pairs` latents of the G batch, softmax over each one's cosine similarities to the
     others, computed on a G block's activations; the loss is KL(target || frozen source G), averaged
     over the pairs x (pairs - 1) entries as the paper's code does, times `kl_weight`. D scores whole
-    images on steps whose latents are drawn near a few anchors and patches (a 1x1 conv on an
-    intermediate D feature) otherwise. Departure: one G block, not a random layer per latent.
+    images on steps whose latents are drawn near the anchors (one per training image) and patches
+    otherwise: a 3x3 conv head on a shallow, high-resolution D feature, as the official code's
+    `Extra` on its 32x32 or 16x16 map. Departures: docs/strategies.md.
     """
 
     name = "cdc"
@@ -149,8 +209,8 @@ class CDC(Strategy):
 
     def validate(self) -> None:
         o = self.options
-        if o.kl_weight < 0 or o.pairs < 4 or o.anchors < 1 or o.anchor_every < 1 or o.anchor_std < 0:
-            raise UserError(f"cdc needs kl_weight >= 0, pairs >= 4, anchors >= 1, anchor_every >= 1 and "
+        if o.kl_weight < 0 or o.pairs < 4 or o.anchors < 0 or o.anchor_every < 1 or o.anchor_std < 0:
+            raise UserError(f"cdc needs kl_weight >= 0, pairs >= 4, anchors >= 0, anchor_every >= 1 and "
                             f"anchor_std >= 0; got {self.options_dict()}")
 
     def check(self, family, G: nn.Module, D: nn.Module) -> None:
@@ -170,8 +230,13 @@ class CDC(Strategy):
         self.g_block = self.options.g_block % len(ctx.G.blocks)
         # Only the blocks up to the compared one are needed from the frozen source generator.
         self.source_blocks = copy.deepcopy(ctx.G.blocks[: self.g_block + 1]).requires_grad_(False)
+        anchors = self.options.anchors or ctx.num_images
+        if anchors < 1:
+            raise UserError("cdc anchors=0 means one anchor per training image, but the number of images is "
+                            "unknown here; set anchors >= 1")
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 104729)
-        self.anchor_z = torch.randn(self.options.anchors, ctx.G.latent_dim, device=ctx.device, generator=gen)
+        self.anchor_z = torch.randn(anchors, ctx.G.latent_dim, device=ctx.device, generator=gen)
+        self.seed = ctx.seed
         was_training = ctx.D.training
         with torch.no_grad():  # a shape probe in eval mode, so D's buffers (BN stats, SN vectors) stay put
             ctx.D.eval()
@@ -183,7 +248,7 @@ class CDC(Strategy):
         channels = feats[self.options.d_block].shape[1]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed + 17)
-            self.extra_d_modules["patch_head"] = nn.Conv2d(channels, 1, kernel_size=1)
+            self.extra_d_modules["patch_head"] = nn.Conv2d(channels, 1, kernel_size=3, padding=1)
 
     def _anchor_step(self, step: int | None) -> bool:
         return step is not None and step % self.options.anchor_every == 0
@@ -191,8 +256,10 @@ class CDC(Strategy):
     def map_latent(self, z: torch.Tensor, step: int | None) -> torch.Tensor:
         if not self._anchor_step(step):
             return z
-        # Deterministic in z (no extra random state): anchor i, perturbed by a scaled copy of z.
-        idx = torch.arange(z.shape[0], device=z.device) % self.anchor_z.shape[0]
+        # A random anchor per latent, as the official code; drawn from (seed, step) so that it needs no
+        # random state of its own (a resumed run draws the same), perturbed by a scaled copy of z.
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        idx = torch.randint(self.anchor_z.shape[0], (z.shape[0],), generator=gen).to(z.device)
         return self.anchor_z[idx] + self.options.anchor_std * z
 
     def discriminate(self, D: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:

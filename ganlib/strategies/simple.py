@@ -27,7 +27,8 @@ class Finetune(Strategy):
 
 @dataclass
 class FreezeDOptions(Options):
-    layers: int = 2  # how many D blocks, from the input side, stay frozen (FreezeD freezes the lower layers)
+    layers: int = 1  # how many D blocks, from the input side, stay frozen (FreezeD freezes the lower layers);
+                     # 1: our D's have only 3-4 blocks; one keeps the low-level filters, 2-3 adapt (docs)
 
 
 class FreezeD(Strategy):
@@ -84,7 +85,12 @@ class TwoPhase(Strategy):
 
 
 class ScaleShift(Strategy):
-    """In G only the affine scale/shift of normalisation layers; all of D (Noguchi & Harada 2019)."""
+    """In G only the affine scale/shift of normalisation layers; all of D (Noguchi & Harada 2019).
+
+    G's BatchNorm layers keep normalising with the source running statistics and never update them
+    (as the official code, which adapts only scale and shift); so every G tensor but the affines,
+    buffers included, stays bitwise the source's.
+    """
 
     name = "scale_shift"
     paper = "batch statistics adaptation, Noguchi & Harada 2019 (trained adversarially here, see docs)"
@@ -99,6 +105,9 @@ class ScaleShift(Strategy):
         for p in ctx.G.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
+
+    def plan(self, step: int) -> StepPlan:
+        return StepPlan(g_source_stats=True)
 
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm)
