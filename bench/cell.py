@@ -22,6 +22,7 @@ from torchvision.utils import save_image
 
 from bench.env import environment, host_environment
 from bench.matrix import Cell, Matrix
+from bench.outcome import agree
 from ganlib.data import load_images, to_float
 from ganlib.errors import UserError
 from ganlib.flops import matmul_peak_flops, precision_dtype
@@ -29,7 +30,7 @@ from ganlib.metrics import MetricConfig, evaluate_generator
 from ganlib.pretrain import pretrain_source, source_meta
 from ganlib.train import TrainingDiverged, native_channels, train
 
-FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom[;...]", injects a failure at run time
+FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom[@rank][;...]", injects a failure at run time
 FAULTS = ("nan", "option", "oom")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError
 LOG_FILE = "cell.log"          # per-cell log: what ran, how it ended, the traceback of a failure
 EVAL_SEED = 4242               # latents of every evaluation (the same for every cell, so curves compare)
@@ -69,13 +70,16 @@ def failed_record(matrix: Matrix, cell: Cell, run_id: str, reason: str) -> dict[
     return {**skipped_record(matrix, cell, run_id, reason), "status": "failed"}
 
 
-def _fault(cell: Cell) -> str | None:
-    """The failure GANBENCH_FAULT injects into `cell` (first matching `glob=kind`), or None."""
+def _fault(cell: Cell, rank: int) -> str | None:
+    """The failure GANBENCH_FAULT injects into `cell` on process `rank` (first matching
+    `glob=kind` or `glob=kind@rank`; without @rank on every process), or None."""
     for spec in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
         pattern, _, kind = spec.partition("=")
-        if kind not in FAULTS:
-            raise ValueError(f"{FAULT_ENV}={spec!r}: the kind must be one of {', '.join(FAULTS)}")
-        if fnmatch.fnmatchcase(cell.id, pattern):
+        kind, _, only_rank = kind.partition("@")
+        if kind not in FAULTS or (only_rank and not only_rank.isdigit()):
+            raise ValueError(f"{FAULT_ENV}={spec!r}: the kind must be one of {', '.join(FAULTS)}, "
+                             "optionally followed by @<rank>")
+        if fnmatch.fnmatchcase(cell.id, pattern) and (not only_rank or int(only_rank) == rank):
             return kind
     return None
 
@@ -92,7 +96,7 @@ def _reason(err: BaseException) -> str:
 
 def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str,
              cache_dir: Path | None = None) -> dict[str, Any]:
-    """Run one cell on every process of the group; returns the same record on every process."""
+    """Run one cell on every process of the group; returns the same outcome on every process."""
     started = time.perf_counter()
     record = {**identity(matrix, cell, run_id), "status": "ok", "reason": None,
               "config": cell_config(matrix, cell), "env": environment(accelerator)}
@@ -109,6 +113,7 @@ def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str
                       artifacts={"dir": f"cells/{cell.id}"})
     record.setdefault("metrics", {})["timing/wall_s"] = time.perf_counter() - started
     record["artifacts"]["log"] = f"cells/{cell.id}/{LOG_FILE}"
+    record = agree(accelerator, record)  # one rank failing fails the cell on every rank
     if accelerator.is_main_process:
         _write_log(cell_dir / LOG_FILE, record, error)
     return record
@@ -132,7 +137,7 @@ def _write_log(path: Path, record: dict[str, Any], error: str) -> None:
 
 def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
          cache_dir: Path | None) -> tuple[dict, dict, dict]:
-    fault = _fault(cell)
+    fault = _fault(cell, accelerator.process_index)
     if fault == "oom":
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV})")
     overrides: dict[str, Any] = {"out": str(cell_dir), "progress": False}

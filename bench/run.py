@@ -287,9 +287,10 @@ def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | No
     checks the directory, and every process takes its answer (each rank checking for an existing
     plan would race with the main process writing it, and clocks may name different directories).
     """
+    from bench.outcome import HARNESS_TIMEOUT_S
     from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(timeout_s=HARNESS_TIMEOUT_S)
     if run_id is None:
         chosen: tuple[Path, str] | str = ""
         if accelerator.is_main_process:

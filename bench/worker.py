@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.cell import run_cell
 from bench.matrix import Matrix, parse_matrix, read_yaml
+from bench.outcome import HARNESS_TIMEOUT_S
 from bench.results import append_record, load_records, results_path
 from bench.wandb_sink import WandbSink
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
@@ -113,7 +114,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
             else:
                 summary = f"FAILED: {record['reason']}"
             print(f"[bench]   {record['status']}: {summary}", flush=True)
-            samples = run_dir / record["artifacts"]["samples"] if record.get("artifacts") else None
+            samples = run_dir / record["artifacts"]["samples"] if record["artifacts"].get("samples") else None
             sink.log_cell(record, samples if samples and samples.exists() else None)
         accelerator.wait_for_everyone()
     sink.close()
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get(PARENT_ENV):
         exit_with_parent(int(os.environ[PARENT_ENV]))
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(timeout_s=HARNESS_TIMEOUT_S)
     run_setup(accelerator, args.run_dir, args.setup, args.wandb, args.wandb_project, args.wandb_entity,
               args.cache_dir)
     shutdown(accelerator)

@@ -27,7 +27,7 @@ from bench.__main__ import main as bench_main
 from bench.cell import FAULT_ENV, run_cell
 from bench.matrix import load_matrix, parse_matrix
 from bench.results import load_records
-from ganlib.distributed import make_accelerator
+from ganlib.distributed import TIMEOUT_ENV, make_accelerator
 
 BENCH = Path(sys.executable).with_name("bench")
 PAIR = "mnist5k-c0-4_2_mnist5k-c5-9-n25"
@@ -437,3 +437,38 @@ def test_bench_under_the_users_launch_runs_its_cells_in_that_process_group(tmp_p
     proc = launch_two(["run", str(matrix_file), "--out", str(run_dir)], tmp_path, bench_env(cache))
     assert proc.returncode != 0 and proc.stderr.count("already holds a run") == 2, proc.stderr[-3000:]
     assert (run_dir / "results.jsonl").read_text() == before
+
+
+# --- faults under the user's own launcher: a failed cell, a failure on one rank only ---------------
+
+def two_cells(tmp_path: Path) -> Path:
+    """Two scratch cells (seeds 0 and 1, no pretraining): the first is the one made to fail."""
+    return write(tmp_path / "ext.yaml", tiny_matrix(name="ext", strategies=["scratch"], setups=["cpu-1proc"],
+                                                    seeds=[0, 1], transfer_steps=10))
+
+
+@pytest.mark.slow
+def test_failed_cell_under_the_users_launch_is_recorded_and_the_next_cell_runs(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    env = bench_env(cache, **{FAULT_ENV: "scratch-*-s0=option"})
+    proc = launch_two(["run", str(two_cells(tmp_path)), "--out", str(run_dir)], tmp_path, env)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a failed cell: exit 1, not a crash
+    recs = {r["seed"]: r for r in records_of(run_dir)}
+    assert recs[0]["status"] == "failed" and "no_such_option" in recs[0]["reason"], recs[0]["reason"]
+    assert recs[1]["status"] == "ok", recs[1]["reason"]
+    assert (run_dir / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_failure_on_one_rank_only_is_recorded_with_its_reason_and_the_next_cell_runs(tmp_path, cache):
+    """Rank 1 fails alone at the start of the cell; rank 0 waits in a collective until the (short)
+    timeout; both record the cell as failed with rank 1's own reason, and go on together."""
+    run_dir = tmp_path / "run"
+    env = bench_env(cache, **{FAULT_ENV: "scratch-*-s0=oom@1", TIMEOUT_ENV: "8"})
+    proc = launch_two(["run", str(two_cells(tmp_path)), "--out", str(run_dir)], tmp_path, env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    recs = {r["seed"]: r for r in records_of(run_dir)}
+    reason = recs[0]["reason"]
+    assert recs[0]["status"] == "failed" and reason.startswith("rank 1: out of memory") and FAULT_ENV in reason, reason
+    assert recs[1]["status"] == "ok", recs[1]["reason"]
+    assert proc.stdout.count("agreed: failed") == 2, proc.stdout[-3000:]  # each rank's own verdict
