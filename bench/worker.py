@@ -22,7 +22,7 @@ from bench.outcome import HARNESS_TIMEOUT_S
 from bench.results import append_record, load_records, results_path
 from bench.wandb_sink import WandbSink
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
-from ganlib.errors import exit_on_user_error
+from ganlib.errors import UserError, exit_on_user_error
 
 PLAN_FILE = "plan.json"
 MATRIX_FILE = "matrix.yaml"
@@ -61,7 +61,13 @@ def load_plan(run_dir: Path) -> tuple[Matrix, dict]:
     """The resolved matrix and the plan (run id, selected cell ids) stored in a run directory."""
     matrix = parse_matrix(read_yaml((run_dir / MATRIX_FILE).read_text(), str(run_dir / MATRIX_FILE)),
                           str(run_dir / MATRIX_FILE))
-    plan = json.loads((run_dir / PLAN_FILE).read_text())
+    try:
+        plan = json.loads((run_dir / PLAN_FILE).read_text())
+        if not (isinstance(plan, dict) and isinstance(plan.get("cells"), list) and "run_id" in plan):
+            raise ValueError("not a plan")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{run_dir / PLAN_FILE} is corrupt ({type(err).__name__}); "
+                        "restore it or start a new run") from None
     return matrix, plan
 
 

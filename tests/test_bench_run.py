@@ -27,6 +27,7 @@ from bench.__main__ import main as bench_main
 from bench.cell import FAULT_ENV, run_cell
 from bench.matrix import load_matrix, parse_matrix
 from bench.results import load_records
+from ganlib.errors import UserError
 from ganlib.distributed import TIMEOUT_ENV, make_accelerator
 
 BENCH = Path(sys.executable).with_name("bench")
@@ -472,3 +473,50 @@ def test_failure_on_one_rank_only_is_recorded_with_its_reason_and_the_next_cell_
     assert recs[0]["status"] == "failed" and reason.startswith("rank 1: out of memory") and FAULT_ENV in reason, reason
     assert recs[1]["status"] == "ok", recs[1]["reason"]
     assert proc.stdout.count("agreed: failed") == 2, proc.stdout[-3000:]  # each rank's own verdict
+
+
+# --- the run directory: locked before anything in it is read or written ---------------------------
+
+def test_second_run_into_a_directory_another_run_has_locked_writes_nothing_and_is_refused(tmp_path, monkeypatch):
+    """The first run holds the lock but has not written its plan yet (the window of a simultaneous start)."""
+    import fcntl
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
+    with open(run_dir / run_module.LOCK_FILE, "a") as first:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another `bench run` is using"):
+            run_module.run_matrix(str(matrix_file), out=run_dir, wandb_mode="disabled")
+    assert sorted(p.name for p in run_dir.iterdir()) == [run_module.LOCK_FILE]  # no plan, no matrix written
+
+
+def test_resume_of_a_locked_directory_is_refused_before_reading_it(tmp_path):
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "plan.json").write_text("{torn")  # being written by the run that holds the lock
+    with open(run_dir / run_module.LOCK_FILE, "a") as first:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another `bench run` is using"):
+            run_module.run_matrix(None, resume=run_dir, wandb_mode="disabled")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "{matrix}", "--out", "{file}"], "is a file"),
+    (["run", "--resume", "{corrupt}"], "plan.json is corrupt"),
+])
+def test_bad_run_directories_are_one_line_exit_2(tmp_path, args, words):
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
+    (tmp_path / "afile").write_text("x")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    write(corrupt / "matrix.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
+    (corrupt / "plan.json").write_bytes(b"\x00\xff{not json")
+    args = [a.format(matrix=matrix_file, file=tmp_path / "afile", corrupt=corrupt) for a in args]
+    proc = subprocess.run([str(BENCH), *args, "--wandb", "disabled"], cwd=tmp_path, capture_output=True, text=True,
+                          env=bench_env(tmp_path / "cache"), timeout=120)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
