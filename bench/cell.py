@@ -22,7 +22,7 @@ from torchvision.utils import save_image
 
 from bench.env import environment, host_environment
 from bench.matrix import Cell, Matrix
-from bench.outcome import agree
+from bench.outcome import agree, source_lock_timeout
 from ganlib.data import load_images, to_float
 from ganlib.errors import UserError
 from ganlib.flops import matmul_peak_flops, precision_dtype
@@ -166,7 +166,8 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
     if cfg.strategy != "scratch":
         src_cfg = matrix.source_config(cell, progress=False)
         # cache_dir is the cache root (as $GANBENCH_CACHE): sources live in its sources/ (ganlib.pretrain)
-        entry, hit = pretrain_source(src_cfg, Path(cache_dir) / "sources" if cache_dir else None, accelerator)
+        entry, hit = pretrain_source(src_cfg, Path(cache_dir) / "sources" if cache_dir else None, accelerator,
+                                     lock_timeout_s=source_lock_timeout(accelerator.num_processes))
         metrics["timing/source_pretrain_s"] = source_meta(entry).get("pretrain_s")
         metrics["timing/source_cache_hit"] = hit
         source_dir = str(entry)

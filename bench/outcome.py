@@ -13,14 +13,24 @@ import re
 from typing import Any
 
 from ganlib.distributed import collective_timeout, exchange_objects, regroup
+from ganlib.pretrain import lock_timeout
 
 HARNESS_TIMEOUT_S = 600.0  # default collective timeout under bench, s (torch's own is 30 min); $GANBENCH_COLLECTIVE_TIMEOUT_S
-_TIMEOUT_WORDS = re.compile(r"timed out|timeout", re.IGNORECASE)  # how a collective that waited in vain fails
+# How a collective fails when a peer never joined it (gloo, NCCL's watchdog, a peer that exited):
+# a consequence, so a rank's own error is named before it.
+_WAITED_IN_VAIN = re.compile(r"Timed out waiting|collective operation timeout|DistBackendError|DistNetworkError|"
+                             r"Connection (reset|closed) by peer")
 
 
 def harness_timeout() -> float:
     """The collective timeout bench runs with, s."""
     return collective_timeout(HARNESS_TIMEOUT_S)
+
+
+def source_lock_timeout(num_processes: int) -> float:
+    """How long a cell waits for another job's pretraining of its source, s: below the collective
+    timeout when other ranks wait in a broadcast meanwhile (the lock holder is then the recorded reason)."""
+    return lock_timeout() if num_processes == 1 else min(lock_timeout(), 0.9 * harness_timeout())
 
 
 def verdict(outcomes: list[dict[str, Any] | None], waited_s: float) -> str | None:
@@ -35,7 +45,7 @@ def verdict(outcomes: list[dict[str, Any] | None], waited_s: float) -> str | Non
             causes.append(f"rank {rank}: no outcome within {waited_s:.0f} s (process dead or hung)")
         elif outcome["failed"]:
             reason = f"rank {rank}: {outcome['reason']}"
-            (timeouts if _TIMEOUT_WORDS.search(outcome["reason"] or "") else causes).append(reason)
+            (timeouts if _WAITED_IN_VAIN.search(outcome["reason"] or "") else causes).append(reason)
     if not causes and not timeouts:
         return None
     if causes and timeouts:

@@ -30,8 +30,10 @@ from bench import worker
 from bench.cell import failed_record, skipped_record
 from bench.matrix import Cell, Matrix, SetupSpec, check_data, filter_cells, load_matrix, parse_matrix
 from bench.results import append_record, load_records, results_path
+from ganlib.cache import cache_root
 from ganlib.checkpoint import atomic_write_text
 from ganlib.errors import UserError
+from ganlib.preflight import check_writable
 
 RELAUNCHES = 1  # a dead launch is started again this many times
 THREADS_KEY = "threads_per_process"  # a setup key of ours (not Accelerate's): OMP/torch threads per process
@@ -208,6 +210,7 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
             print(f"  {i:3d}. {cell.id}" + (f"   [skipped: {reason}]" if reason else ""))
         return 0
     check_data(matrix)
+    check_writable(cache_root(), "cache directory", "set GANBENCH_CACHE or --cache-dir to a writable one")
     if external_launch():
         return _run_in_process_group(matrix, run_dir, run_id, cells, resume is not None, wandb_mode,
                                      wandb_project, wandb_entity, cache_dir)

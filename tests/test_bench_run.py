@@ -520,3 +520,13 @@ def test_bad_run_directories_are_one_line_exit_2(tmp_path, args, words):
                           env=bench_env(tmp_path / "cache"), timeout=120)
     assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_unwritable_cache_is_refused_before_any_cell_runs(tmp_path):
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
+    (tmp_path / "afile").write_text("x")
+    proc = subprocess.run([str(BENCH), "run", str(matrix_file), "--out", str(tmp_path / "run"), "--wandb", "disabled"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=bench_env(tmp_path / "afile" / "cache"))
+    assert proc.returncode == 2 and "cache directory" in proc.stderr and "not writable" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "results.jsonl").exists()
