@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import math
 import os
 import time
 import traceback
@@ -142,7 +141,7 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV})")
     overrides: dict[str, Any] = {"out": str(cell_dir), "progress": False}
     if fault == "nan":
-        overrides["lr_d"] = overrides["lr_g"] = math.inf  # Adam with an infinite step: NaN losses
+        overrides["lr_d"] = overrides["lr_g"] = 1e30  # Adam steps of 1e30: weights and losses overflow
     strategy_options = dict(cell.strategy.options)
     if fault == "option":
         strategy_options["no_such_option"] = 1
