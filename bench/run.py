@@ -202,6 +202,7 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
             run_dir, run_id = out, None  # named by the main process alone (_run_in_process_group)
         else:
             run_dir, run_id = new_run_dir(matrix, out)
+    check_data(matrix)  # a dry run too: n larger than a class, missing offline data
     if dry_run:
         print(f"{len(cells)} cell(s) of matrix {matrix.name!r} (source {matrix.source_steps} steps, "
               f"transfer {matrix.transfer_steps} steps):")
@@ -209,7 +210,6 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
             reason = unavailable(matrix.setup(cell.setup))
             print(f"  {i:3d}. {cell.id}" + (f"   [skipped: {reason}]" if reason else ""))
         return 0
-    check_data(matrix)
     check_writable(cache_root(), "cache directory", "set GANBENCH_CACHE or --cache-dir to a writable one")
     if external_launch():
         return _run_in_process_group(matrix, run_dir, run_id, cells, resume is not None, wandb_mode,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench.cell import run_cell
-from bench.matrix import Matrix, parse_matrix, read_yaml
+from bench.matrix import Matrix, parse_matrix, read_text_file, read_yaml
 from bench.outcome import HARNESS_TIMEOUT_S
 from bench.results import append_record, load_records, results_path
 from bench.wandb_sink import WandbSink
@@ -59,7 +59,7 @@ def exit_with_parent(pid: int, poll_s: float = 0.5) -> None:
 
 def load_plan(run_dir: Path) -> tuple[Matrix, dict]:
     """The resolved matrix and the plan (run id, selected cell ids) stored in a run directory."""
-    matrix = parse_matrix(read_yaml((run_dir / MATRIX_FILE).read_text(), str(run_dir / MATRIX_FILE)),
+    matrix = parse_matrix(read_yaml(read_text_file(run_dir / MATRIX_FILE, "matrix file"), str(run_dir / MATRIX_FILE)),
                           str(run_dir / MATRIX_FILE))
     try:
         plan = json.loads((run_dir / PLAN_FILE).read_text())

@@ -530,3 +530,12 @@ def test_unwritable_cache_is_refused_before_any_cell_runs(tmp_path):
                           env=bench_env(tmp_path / "afile" / "cache"))
     assert proc.returncode == 2 and "cache directory" in proc.stderr and "not writable" in proc.stderr, proc.stderr
     assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_dry_run_checks_the_data_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    pairs = [{"source": "mnist5k:classes=0-4", "target": "mnist5k:classes=5:n=99999"}]  # more than class 5 has
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(pairs=pairs, setups=["cpu-1proc"]))
+    with pytest.raises(UserError, match="n=99999"):
+        run_module.run_matrix(str(matrix_file), dry_run=True, wandb_mode="disabled")
+    assert not (tmp_path / "runs").exists()
