@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import time
 from typing import Any
 
 import torch
@@ -108,9 +109,9 @@ def exchange_objects(accelerator: Accelerator, obj: Any, timeout_s: float) -> li
     prefix = f"ganbench/exchange/{_EXCHANGES[0]}/"
     store.set(prefix + str(accelerator.process_index), json.dumps(obj))
     values: list[Any] = []
-    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout_s)
+    deadline = time.monotonic() + timeout_s
     for rank in range(accelerator.num_processes):
-        left = max(deadline - datetime.datetime.now(), datetime.timedelta(milliseconds=1))
+        left = datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001))
         try:
             store.wait([prefix + str(rank)], left)
             values.append(json.loads(store.get(prefix + str(rank))))
