@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import math
 import os
 import time
 import traceback
@@ -23,6 +22,7 @@ from torchvision.utils import save_image
 
 from bench.env import environment, host_environment
 from bench.matrix import Cell, Matrix
+from bench.outcome import agree, source_lock_timeout
 from ganlib.data import load_images, to_float
 from ganlib.errors import UserError
 from ganlib.fewshot import training_positions, transfer_metrics
@@ -31,7 +31,7 @@ from ganlib.metrics import MetricConfig, evaluate_generator
 from ganlib.pretrain import pretrain_source, source_meta
 from ganlib.train import TrainingDiverged, native_channels, train
 
-FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom[;...]", injects a failure at run time
+FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom[@rank][;...]", injects a failure at run time
 FAULTS = ("nan", "option", "oom")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError
 LOG_FILE = "cell.log"          # per-cell log: what ran, how it ended, the traceback of a failure
 EVAL_SEED = 4242               # latents of every evaluation (the same for every cell, so curves compare)
@@ -75,13 +75,16 @@ def failed_record(matrix: Matrix, cell: Cell, run_id: str, reason: str) -> dict[
     return {**skipped_record(matrix, cell, run_id, reason), "status": "failed"}
 
 
-def _fault(cell: Cell) -> str | None:
-    """The failure GANBENCH_FAULT injects into `cell` (first matching `glob=kind`), or None."""
+def _fault(cell: Cell, rank: int) -> str | None:
+    """The failure GANBENCH_FAULT injects into `cell` on process `rank` (first matching
+    `glob=kind` or `glob=kind@rank`; without @rank on every process), or None."""
     for spec in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
         pattern, _, kind = spec.partition("=")
-        if kind not in FAULTS:
-            raise ValueError(f"{FAULT_ENV}={spec!r}: the kind must be one of {', '.join(FAULTS)}")
-        if fnmatch.fnmatchcase(cell.id, pattern):
+        kind, _, only_rank = kind.partition("@")
+        if kind not in FAULTS or (only_rank and not only_rank.isdigit()):
+            raise ValueError(f"{FAULT_ENV}={spec!r}: the kind must be one of {', '.join(FAULTS)}, "
+                             "optionally followed by @<rank>")
+        if fnmatch.fnmatchcase(cell.id, pattern) and (not only_rank or int(only_rank) == rank):
             return kind
     return None
 
@@ -98,7 +101,7 @@ def _reason(err: BaseException) -> str:
 
 def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str,
              cache_dir: Path | None = None) -> dict[str, Any]:
-    """Run one cell on every process of the group; returns the same record on every process."""
+    """Run one cell on every process of the group; returns the same outcome on every process."""
     started = time.perf_counter()
     record = {**identity(matrix, cell, run_id), "status": "ok", "reason": None,
               "config": cell_config(matrix, cell), "env": environment(accelerator)}
@@ -115,6 +118,7 @@ def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str
                       artifacts={"dir": f"cells/{cell.id}"})
     record.setdefault("metrics", {})["timing/wall_s"] = time.perf_counter() - started
     record["artifacts"]["log"] = f"cells/{cell.id}/{LOG_FILE}"
+    record = agree(accelerator, record)  # one rank failing fails the cell on every rank
     if accelerator.is_main_process:
         _write_log(cell_dir / LOG_FILE, record, error)
     return record
@@ -138,12 +142,12 @@ def _write_log(path: Path, record: dict[str, Any], error: str) -> None:
 
 def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
          cache_dir: Path | None) -> tuple[dict, dict, dict]:
-    fault = _fault(cell)
+    fault = _fault(cell, accelerator.process_index)
     if fault == "oom":
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV})")
     overrides: dict[str, Any] = {"out": str(cell_dir), "progress": False}
     if fault == "nan":
-        overrides["lr_d"] = overrides["lr_g"] = math.inf  # Adam with an infinite step: NaN losses
+        overrides["lr_d"] = overrides["lr_g"] = 1e30  # Adam steps of 1e30: weights and losses overflow
     strategy_options = dict(cell.strategy.options)
     if fault == "option":
         strategy_options["no_such_option"] = 1
@@ -168,7 +172,8 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
     if cfg.strategy != "scratch":
         src_cfg = matrix.source_config(cell, progress=False)
         # cache_dir is the cache root (as $GANBENCH_CACHE): sources live in its sources/ (ganlib.pretrain)
-        entry, hit = pretrain_source(src_cfg, Path(cache_dir) / "sources" if cache_dir else None, accelerator)
+        entry, hit = pretrain_source(src_cfg, Path(cache_dir) / "sources" if cache_dir else None, accelerator,
+                                     lock_timeout_s=source_lock_timeout(accelerator.num_processes))
         metrics["timing/source_pretrain_s"] = source_meta(entry).get("pretrain_s")
         metrics["timing/source_cache_hit"] = hit
         source_dir = str(entry)

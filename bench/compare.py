@@ -15,12 +15,18 @@ cell's ok seeds (mean, sample std). Five metrics are gated:
 
 A cell ok in the baseline with any failed seed in the new run is a regression (verdict FAILED).
 Cells on one side only are reported (NEW / MISSING) but do not fail the gate.
+
+The gate fails closed: a gated metric missing or non-finite in any ok seed is a regression, and a
+cell whose two runs ran different configurations is not compared but fails the gate (verdict
+CONFIG, the first differing field named); when no shared cell ran the same configuration the
+comparison is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -36,7 +42,9 @@ FID_SPREAD_FLOOR = 0.01  # fraction of the baseline mean FID; the smallest sprea
 # Transfer-fidelity shares gated in absolute points: key -> higher is better.
 SHARES = {"transfer/target_class_share": True, "transfer/memorised_share": False}
 
-VERDICTS = ("OK", "REGRESSED", "IMPROVED", "NEW", "MISSING", "FAILED")
+VERDICTS = ("OK", "REGRESSED", "IMPROVED", "NEW", "MISSING", "FAILED", "CONFIG")
+# Config fields that say where a run put things, not what it ran (they differ between any two runs).
+_NOT_CONFIG = frozenset({"out", "source", "data_root", "resume", "progress", "seed", "cache_dir"})
 _SEED_SUFFIX = re.compile(r"-s\d+$")
 _THREADS = re.compile(r", \d+ threads?(?=\))")  # the CPU thread count in a device name
 _DEVICE_INDEX = re.compile(r":\d+$")
@@ -53,6 +61,7 @@ class MetricChange:
     spread: float | None = None  # FID only: the spread `change` is measured in
     regressed: bool = False
     improved: bool = False
+    unusable: str = ""  # fail closed: `new seed 1: nan` when an ok seed lacks a finite value
 
 
 @dataclass
@@ -74,6 +83,8 @@ class CellComparison:
         keys = [key for key, change in self.metrics.items() if change.regressed]
         if self.base_status == "ok" and self.new_status == "failed":
             keys.append("status")
+        if self.verdict == "CONFIG":
+            keys.append("config")
         return keys
 
 
@@ -156,6 +167,47 @@ def _stats(group: list[dict], key: str) -> Stat | None:
         return None
 
 
+def _unusable(base: list[dict], new: list[dict], key: str) -> str:
+    """`new seed 1: missing` for the first ok seed (new run first) without a finite `key`, else ""."""
+    for side, group in (("new", new), ("baseline", base)):
+        for record in group:
+            if record.get("status") != "ok":
+                continue
+            value = (record.get("metrics") or {}).get(key)
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                return f"{side} seed {record.get('seed')}: {'missing' if value is None else value}"
+    return ""
+
+
+def _comparable_config(config) -> object:
+    """A record's config without the fields that only say where things went (see _NOT_CONFIG)."""
+    if isinstance(config, dict):
+        return {k: _comparable_config(v) for k, v in config.items() if k not in _NOT_CONFIG}
+    return config
+
+
+def _first_difference(a, b, path: str = "") -> str | None:
+    """`transfer.steps 20 -> 30` for the first field where two configs differ (None: equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in a or key not in b:
+                return f"{where} {'absent' if key not in a else repr(a[key])} -> " \
+                       f"{'absent' if key not in b else repr(b[key])}"
+            diff = _first_difference(a[key], b[key], where)
+            if diff:
+                return diff
+        return None
+    return None if a == b else f"{path or 'config'} {a!r} -> {b!r}"
+
+
+def config_difference(base: list[dict], new: list[dict]) -> str | None:
+    """How the new run's config of a cell differs from the baseline's (None: the same runs)."""
+    configs = [_comparable_config(r.get("config") or {}) for r in base + new]
+    return _first_difference(configs[0], next((c for c in configs[1:] if c != configs[0]), configs[0]))
+
+
 def _relative(base: Stat | None, new: Stat | None, tol: float, higher_is_better: bool):
     """Relative change of the means, gated by a symmetric tolerance."""
     change = MetricChange(base, new)
@@ -208,7 +260,11 @@ def _compare_cell(name, base, new, tols) -> CellComparison:
     n_status = _status(new) if new else None
     ok_seeds = lambda group: None if group is None else sum(r.get("status") == "ok" for r in group)
     cell = CellComparison(name, "OK", b_status, n_status, ok_seeds(base), ok_seeds(new))
-    if b_status == "ok" and n_status == "ok":
+    difference = config_difference(base, new) if base and new else None
+    if difference:
+        cell.verdict = "CONFIG"
+        cell.note = f"not compared: the runs ran different configs ({difference})"
+    elif b_status == "ok" and n_status == "ok":
         tp_tol, mem_tol, spreads, share_tol = tols
         cell.metrics = {
             THROUGHPUT: _relative(_stats(base, THROUGHPUT), _stats(new, THROUGHPUT), tp_tol, True),
@@ -217,6 +273,11 @@ def _compare_cell(name, base, new, tols) -> CellComparison:
             **{key: _share(_stats(base, key), _stats(new, key), share_tol, higher)
                for key, higher in SHARES.items()},
         }
+        for key, change in cell.metrics.items():  # fail closed: a gate that cannot measure does not pass
+            if key in SHARES and change.base is None:
+                continue  # transfer shares exist only for some targets; a baseline without them gates none
+            change.unusable = _unusable(base, new, key)
+            change.regressed = change.regressed or bool(change.unusable)
         if any(m.regressed for m in cell.metrics.values()):
             cell.verdict = "REGRESSED"
         elif any(m.improved for m in cell.metrics.values()):
@@ -302,6 +363,11 @@ def compare_runs(baseline_dir, new_dir, throughput_tol: float = 0.10, memory_tol
     if not shared:
         raise UserError(f"no cells in common between {str(baseline_dir)!r} and {str(new_dir)!r}; "
                         "compare two runs of the same matrix")
+    differences = {name: config_difference(base_groups[name], new_groups[name]) for name in shared}
+    if all(differences.values()):
+        name = shared[0]
+        raise UserError(f"no cell ran the same config in both runs, e.g. {name}: {differences[name]}; "
+                        "compare two runs of the same matrix")
     warnings = _env_warnings(base_groups, new_groups, shared, allow_device_mismatch)
     tols = (throughput_tol, memory_tol, fid_spreads, share_tol)
     names = list(base_groups) + [name for name in new_groups if name not in base_groups]
@@ -339,8 +405,12 @@ def _describe_regression(cell: CellComparison, key: str) -> str:
     """`img_per_s -15.0%` / `fid +4.1 spreads` / `newly failed` for the summary line."""
     if key == "status":
         return "newly failed"
+    if key == "config":
+        return "config differs"
     change = cell.metrics[key]
     short = key.split("/", 1)[1]
+    if change.unusable:
+        return f"{short} not measurable ({change.unusable})"
     if key in SHARES:
         return f"{short} {change.change:+.2f}"
     return f"{short} {change.change:+.1f} spreads" if key == FID else f"{short} {change.change:+.1%}"

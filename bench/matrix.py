@@ -218,6 +218,15 @@ def read_yaml(text: str, where: str) -> dict[str, Any]:
     return data
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A YAML file's text; one line naming the file when it is not UTF-8 text (binary, UTF-16)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {err.start}: {err.reason}); "
+                        "save it as UTF-8 YAML") from None
+
+
 def load_matrix(ref: str | None) -> Matrix:
     """A matrix from a preset name (default: `default`) or a YAML file path, validated."""
     ref = ref or "default"
@@ -226,7 +235,7 @@ def load_matrix(ref: str | None) -> Matrix:
         if not path.is_file():
             raise UserError(f"matrix file {ref} does not exist; give a YAML file or a preset: "
                             f"{', '.join(preset_names())}")
-        return parse_matrix(read_yaml(path.read_text(), str(path)), str(path))
+        return parse_matrix(read_yaml(read_text_file(path, "matrix file"), str(path)), str(path))
     if ref not in preset_names():
         raise UserError(f"unknown preset {ref!r}; presets: {', '.join(preset_names())} (or give a YAML file)")
     text = PRESETS_DIR.joinpath(f"{ref}.yaml").read_text()
@@ -239,7 +248,7 @@ def load_setup(ref: str, where: str) -> SetupSpec:
     if path.suffix in (".yaml", ".yml"):
         if not path.is_file():
             raise UserError(f"{where}: setup file {ref} does not exist")
-        data, name = read_yaml(path.read_text(), ref), path.stem
+        data, name = read_yaml(read_text_file(path, f"{where}: setup file"), ref), path.stem
     elif ref in setup_names():
         data = read_yaml(SETUPS_DIR.joinpath(f"{ref}.yaml").read_text(), ref)
         name = ref
@@ -252,8 +261,7 @@ def load_setup(ref: str, where: str) -> SetupSpec:
         raise UserError(f"{where}: setup {name} asks for fp16 on the CPU, which Accelerate silently runs as fp32; "
                         "use bf16 or no")
     for key in ("num_processes", "num_machines"):
-        if int(data.get(key, 1)) < 1:
-            raise UserError(f"{where}: setup {name} {key} must be >= 1")
+        _int(data.get(key, 1), f"{where}: setup {name} {key}", 1)
     return SetupSpec(name=name, accelerate=data)
 
 
@@ -326,6 +334,9 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
         if not isinstance(item, dict) or "name" not in item or set(item) - {"name", "options", "id", "augment"}:
             raise UserError(f"{where}: each strategy is a name or {{name, options, id, augment}}, got {item!r}")
         options = item.get("options") or {}
+        if not isinstance(options, dict):
+            raise UserError(f"{where}: strategy {item['name']!r} options must be a mapping of option: value, "
+                            f"got {options!r}")
         build_strategy(item["name"], options)  # unknown names and options fail here
         spec = StrategySpec(item["name"], dict(options), str(item.get("id", item["name"])))
         strategies.append(spec)
@@ -404,7 +415,8 @@ def _check_cells(matrix: Matrix, where: str) -> None:
 
 
 def check_data(matrix: Matrix) -> None:
-    """Fail early on data that cannot be had: missing offline files, classes or n the data lacks."""
+    """Fail early on data that cannot be had: missing offline files, classes or n the data lacks,
+    a folder target too small to score (FID/KID need MIN_SAMPLES real images)."""
     from ganlib.data import data_root, load_images
 
     for pair in matrix.pairs:
@@ -412,6 +424,9 @@ def check_data(matrix: Matrix) -> None:
         for spec in (pair.source, pair.target):
             if spec.name == FOLDER:
                 load_images(spec, 8, channels)
+                if spec is pair.target and len(real := load_images(pair.eval_target, 8, channels)) < MIN_SAMPLES:
+                    raise UserError(f"target {str(pair.eval_target)!r} holds {len(real)} image(s); scoring a cell "
+                                    f"(FID/KID against the whole target) needs at least {MIN_SAMPLES}: add images")
                 continue
             entry = DATASETS.get(spec.name)
             if entry.embedded:

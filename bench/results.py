@@ -137,8 +137,9 @@ def _json_default(obj):
 def load_records(run_dir: str | os.PathLike) -> list[dict]:
     """Read every record of a run, in file order (a re-run cell appears once per attempt).
 
-    A torn last line (a writer was interrupted) is skipped silently; an unreadable line in the
-    middle is skipped with a warning. A missing file or an unknown schema is a UserError.
+    A torn last line (a writer was interrupted) and an unreadable line in the middle are skipped,
+    each with a warning (a torn cell is missing from tables until `bench run --resume` reruns
+    it). A missing file or an unknown schema is a UserError.
     """
     path = results_path(run_dir)
     if not path.is_file():
@@ -155,8 +156,11 @@ def load_records(run_dir: str | os.PathLike) -> list[dict]:
             if not isinstance(record, dict):
                 raise ValueError("not an object")
         except ValueError:
-            if i != len(lines) - 1:  # the last element is the torn tail (no newline after it)
+            if i != len(lines) - 1:
                 warnings.warn(f"{path}:{i + 1}: skipping an unreadable line", stacklevel=2)
+            else:  # the last element is the torn tail (no newline after it)
+                warnings.warn(f"{path}:{i + 1}: skipping a torn last line (its writer was interrupted; "
+                              "`bench run --resume` reruns that cell)", stacklevel=2)
             continue
         schema = record.get("schema")
         if schema != SCHEMA_VERSION:

@@ -30,8 +30,10 @@ from bench import worker
 from bench.cell import failed_record, skipped_record
 from bench.matrix import Cell, Matrix, SetupSpec, check_data, filter_cells, load_matrix, parse_matrix
 from bench.results import append_record, load_records, results_path
+from ganlib.cache import cache_root
 from ganlib.checkpoint import atomic_write_text
 from ganlib.errors import UserError
+from ganlib.preflight import check_writable
 
 RELAUNCHES = 1  # a dead launch is started again this many times
 THREADS_KEY = "threads_per_process"  # a setup key of ours (not Accelerate's): OMP/torch threads per process
@@ -125,9 +127,31 @@ def _noise(line: str) -> bool:
 def new_run_dir(matrix: Matrix, out: Path | None) -> tuple[Path, str]:
     run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{matrix.name}"
     run_dir = out if out is not None else Path("runs") / run_id
+    _refuse_used(run_dir)
+    return run_dir, run_id
+
+
+def _refuse_used(run_dir: Path) -> None:
+    """A new run needs a directory (or nothing) at `run_dir` that holds no run yet."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {run_dir} is a file; give a directory for the run")
     if (run_dir / worker.PLAN_FILE).exists():
         raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-    return run_dir, run_id
+
+
+def claim_new_run_dir(stack: contextlib.ExitStack, run_dir: Path) -> None:
+    """Create `run_dir`, lock it for this run (held until `stack` closes), then check it is unused.
+
+    Checked again under the lock: two runs started into one new directory both pass the first check;
+    the one that takes the lock second must be refused before it writes anything.
+    """
+    _refuse_used(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {run_dir}: cannot create the run directory ({err.strerror})") from None
+    stack.enter_context(_only_runner(run_dir))
+    _refuse_used(run_dir)
 
 
 def write_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell]) -> None:
@@ -163,7 +187,12 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
         raise UserError(f"--accelerate-config {base_config}: no such file")
     if cache_dir is not None:
         os.environ["GANBENCH_CACHE"] = str(cache_dir)  # the launched workers inherit it
+    held = contextlib.ExitStack()  # this process's lock on the run directory, taken before it is read or written
     if resume is not None:
+        if not resume.is_dir():
+            raise UserError(f"--resume {resume}: not a bench run directory (no such directory)")
+        if not dry_run and not external_launch():
+            held.enter_context(_only_runner(resume))
         matrix, run_id, cells = resume_plan(resume, matrix_ref, only)
         run_dir = resume
     else:
@@ -173,6 +202,7 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
             run_dir, run_id = out, None  # named by the main process alone (_run_in_process_group)
         else:
             run_dir, run_id = new_run_dir(matrix, out)
+    check_data(matrix)  # a dry run too: n larger than a class, missing offline data
     if dry_run:
         print(f"{len(cells)} cell(s) of matrix {matrix.name!r} (source {matrix.source_steps} steps, "
               f"transfer {matrix.transfer_steps} steps):")
@@ -180,13 +210,14 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
             reason = unavailable(matrix.setup(cell.setup))
             print(f"  {i:3d}. {cell.id}" + (f"   [skipped: {reason}]" if reason else ""))
         return 0
-    check_data(matrix)
+    check_writable(cache_root(), "cache directory", "set GANBENCH_CACHE or --cache-dir to a writable one")
     if external_launch():
         return _run_in_process_group(matrix, run_dir, run_id, cells, resume is not None, wandb_mode,
                                      wandb_project, wandb_entity, cache_dir)
     if resume is None:
+        claim_new_run_dir(held, run_dir)
         write_plan(run_dir, matrix, run_id, cells)
-    with _only_runner(run_dir):
+    with held:
         if retry_failed:
             _forget_failed(run_dir)
         return _run_setups(matrix, run_dir, run_id, cells, base_config, cache_dir, wandb_mode, wandb_project,
@@ -287,14 +318,17 @@ def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | No
     checks the directory, and every process takes its answer (each rank checking for an existing
     plan would race with the main process writing it, and clocks may name different directories).
     """
+    from bench.outcome import HARNESS_TIMEOUT_S
     from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(timeout_s=HARNESS_TIMEOUT_S)
+    stack = contextlib.ExitStack()  # the main process's lock on the run directory, for the whole run
     if run_id is None:
         chosen: tuple[Path, str] | str = ""
         if accelerator.is_main_process:
             try:
                 chosen = new_run_dir(matrix, run_dir)
+                claim_new_run_dir(stack, chosen[0])
             except UserError as err:
                 chosen = str(err)
         chosen = broadcast_object(accelerator, chosen)
@@ -320,8 +354,9 @@ def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | No
         accelerator.wait_for_everyone()
     worker.run_setup(accelerator, run_dir, None, wandb_mode, wandb_project, wandb_entity, cache_dir)
     code = 0
-    if accelerator.is_main_process:
-        code = finish(run_dir, run_id, cells, wandb_mode, wandb_project, wandb_entity)
+    with stack:
+        if accelerator.is_main_process:
+            code = finish(run_dir, run_id, cells, wandb_mode, wandb_project, wandb_entity)
     shutdown(accelerator)
     return code
 

@@ -17,11 +17,12 @@ import time
 from pathlib import Path
 
 from bench.cell import run_cell
-from bench.matrix import Matrix, parse_matrix, read_yaml
+from bench.matrix import Matrix, parse_matrix, read_text_file, read_yaml
+from bench.outcome import HARNESS_TIMEOUT_S
 from bench.results import append_record, load_records, results_path
 from bench.wandb_sink import WandbSink
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
-from ganlib.errors import exit_on_user_error
+from ganlib.errors import UserError, exit_on_user_error
 
 PLAN_FILE = "plan.json"
 MATRIX_FILE = "matrix.yaml"
@@ -58,9 +59,15 @@ def exit_with_parent(pid: int, poll_s: float = 0.5) -> None:
 
 def load_plan(run_dir: Path) -> tuple[Matrix, dict]:
     """The resolved matrix and the plan (run id, selected cell ids) stored in a run directory."""
-    matrix = parse_matrix(read_yaml((run_dir / MATRIX_FILE).read_text(), str(run_dir / MATRIX_FILE)),
+    matrix = parse_matrix(read_yaml(read_text_file(run_dir / MATRIX_FILE, "matrix file"), str(run_dir / MATRIX_FILE)),
                           str(run_dir / MATRIX_FILE))
-    plan = json.loads((run_dir / PLAN_FILE).read_text())
+    try:
+        plan = json.loads((run_dir / PLAN_FILE).read_text())
+        if not (isinstance(plan, dict) and isinstance(plan.get("cells"), list) and "run_id" in plan):
+            raise ValueError("not a plan")
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{run_dir / PLAN_FILE} is corrupt ({type(err).__name__}); "
+                        "restore it or start a new run") from None
     return matrix, plan
 
 
@@ -113,7 +120,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
             else:
                 summary = f"FAILED: {record['reason']}"
             print(f"[bench]   {record['status']}: {summary}", flush=True)
-            samples = run_dir / record["artifacts"]["samples"] if record.get("artifacts") else None
+            samples = run_dir / record["artifacts"]["samples"] if record["artifacts"].get("samples") else None
             sink.log_cell(record, samples if samples and samples.exists() else None)
         accelerator.wait_for_everyone()
     sink.close()
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get(PARENT_ENV):
         exit_with_parent(int(os.environ[PARENT_ENV]))
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(timeout_s=HARNESS_TIMEOUT_S)
     run_setup(accelerator, args.run_dir, args.setup, args.wandb, args.wandb_project, args.wandb_entity,
               args.cache_dir)
     shutdown(accelerator)

@@ -5,6 +5,7 @@ One root for all of it: $GANBENCH_CACHE, else ~/.cache/ganbench; each kind has i
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -39,3 +40,13 @@ def _torch_default_inductor_dir() -> str:
     except ImportError:  # another torch layout: no default to recognise
         return ""
     return default_cache_dir()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes: written beside each cached artifact when it is made and checked
+    before it is used, so a damaged file (zeroed blocks, a bad copy) is rebuilt instead of trusted."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +75,9 @@ class TrainConfig:
         for name in ("lr_g", "lr_d"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name}={getattr(self, name)} must be in [0, 1)")
         if self.batch < 2:
             raise UserError(f"batch={self.batch} must be >= 2 (batch normalisation needs two samples)")
         return self
@@ -108,6 +112,8 @@ def _check_types(cfg: TrainConfig) -> None:
         if not ok:
             hint = " (write floats with a dot in YAML, e.g. 2.0e-4)" if typ is float and isinstance(value, str) else ""
             raise UserError(f"{f.name}={value!r} must be a {typ.__name__}{hint}")
+        if typ is float and not math.isfinite(value):  # nan slips past every `<=` check below
+            raise UserError(f"{f.name}={value!r} must be a finite number")
 
 
 class ArgumentParser(argparse.ArgumentParser):

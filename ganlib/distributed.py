@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
+import datetime
+import json
+import os
+import time
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DynamoBackend, broadcast_object_list
+from accelerate.utils import DynamoBackend, InitProcessGroupKwargs, broadcast_object_list
 
 from ganlib.cache import use_compile_cache
 from ganlib.errors import UserError
 
 
-def make_accelerator(mixed_precision: str = "", compile: bool = False) -> Accelerator:
+TIMEOUT_ENV = "GANBENCH_COLLECTIVE_TIMEOUT_S"  # seconds a collective waits for a peer before it raises
+
+
+def collective_timeout(default_s: float | None = None) -> float | None:
+    """Seconds a collective may wait: $GANBENCH_COLLECTIVE_TIMEOUT_S, else `default_s` (None: torch's 30 min)."""
+    value = os.environ.get(TIMEOUT_ENV, "")
+    if not value:
+        return default_s
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise UserError(f"{TIMEOUT_ENV}={value!r} must be a positive number of seconds")
+    return seconds
+
+
+def make_accelerator(mixed_precision: str = "", compile: bool = False,
+                     timeout_s: float | None = None) -> Accelerator:
     """An Accelerator for this process; precision from the argument or from `accelerate launch`.
 
     compile: have `prepare` torch.compile the networks (inductor); False leaves it to the launch
     config (a setup's `dynamo_config`). fp16 on a CPU is refused: the numbers would lie.
+    timeout_s: how long a collective waits for a peer (a rank that failed alone leaves the others
+    waiting); $GANBENCH_COLLECTIVE_TIMEOUT_S overrides it; None keeps torch's 30 minutes.
     """
-    accelerator = Accelerator(mixed_precision=mixed_precision or None, dynamo_backend="inductor" if compile else None)
+    timeout_s = collective_timeout(timeout_s)
+    handlers = [InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=timeout_s))] if timeout_s else []
+    accelerator = Accelerator(mixed_precision=mixed_precision or None, dynamo_backend="inductor" if compile else None,
+                              kwargs_handlers=handlers)
     if accelerator.state.dynamo_plugin.backend != DynamoBackend.NO:  # compiling: keep the kernels for reruns
         use_compile_cache()
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
@@ -62,6 +89,52 @@ def broadcast_object(accelerator: Accelerator, obj: Any) -> Any:
     box = [obj]
     broadcast_object_list(box, from_process=0)
     return box[0]
+
+
+_EXCHANGES = [0]  # exchanges so far in this process (the same count on every rank: each key is used once)
+
+
+def exchange_objects(accelerator: Accelerator, obj: Any, timeout_s: float) -> list[Any]:
+    """Every process's JSON-able `obj`, in rank order (None for a rank that gave none within `timeout_s`).
+
+    Goes through the process group's key-value store, not a collective: a rank that failed alone
+    has skipped collectives its peers are blocked in, so the collectives no longer line up. Each
+    process writes its key and waits for the others' (a peer stuck in a collective arrives once
+    that collective times out). Call it on every process, the same number of times.
+    """
+    if accelerator.num_processes == 1:
+        return [obj]
+    store = dist.distributed_c10d._get_default_store()
+    _EXCHANGES[0] += 1
+    prefix = f"ganbench/exchange/{_EXCHANGES[0]}/"
+    store.set(prefix + str(accelerator.process_index), json.dumps(obj))
+    values: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    for rank in range(accelerator.num_processes):
+        left = datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001))
+        try:
+            store.wait([prefix + str(rank)], left)
+            values.append(json.loads(store.get(prefix + str(rank))))
+        except (RuntimeError, dist.DistStoreError):  # the store's timeout: that rank never reported
+            values.append(None)
+    return values
+
+
+def regroup(accelerator: Accelerator, timeout_s: float | None) -> None:
+    """Replace the default process group with a fresh one (same ranks and backend); every process.
+
+    After one rank failed alone, its peers' collectives timed out mid-sequence and the old group's
+    sequence numbers disagree between ranks: the next collective would hang or fail. The new group
+    rendezvouses under a fresh prefix of the same store.
+    """
+    if accelerator.num_processes == 1:
+        return
+    backend, store = dist.get_backend(), dist.distributed_c10d._get_default_store()
+    _EXCHANGES[0] += 1
+    dist.destroy_process_group()
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    dist.init_process_group(backend, store=dist.PrefixStore(f"ganbench/regroup/{_EXCHANGES[0]}/", store),
+                            rank=accelerator.process_index, world_size=accelerator.num_processes, **kwargs)
 
 
 def shutdown(accelerator: Accelerator) -> None:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 import torch_fidelity
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
 from ganlib.cache import cache_root
@@ -136,15 +137,28 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
             os.remove(tmp)
 
 
+def features_sha256(features: torch.Tensor) -> str:
+    """Hex SHA-256 of a feature tensor's bytes (stored in the cache file's metadata, checked on load)."""
+    return hashlib.sha256(features.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 def _load_cached(path: Path) -> torch.Tensor | None:
-    """Cached real features, or None when absent or unreadable (then they are recomputed)."""
+    """Cached real features, or None when absent, unreadable or not matching their checksum (then
+    they are recomputed and the file rewritten): damaged features would give a wrong FID silently."""
     if not path.is_file():
         return None
     try:
-        return load_file(str(path))["features"]
+        with safe_open(str(path), framework="pt") as f:
+            expected = (f.metadata() or {}).get("sha256")
+            features = f.get_tensor("features").clone()
     except Exception as err:  # a damaged cache file must not stop an evaluation
         warnings.warn(f"ignoring unreadable metrics cache {path}: {err}", stacklevel=2)
         return None
+    if expected != features_sha256(features):
+        why = "has no checksum" if expected is None else "does not match its checksum"
+        warnings.warn(f"ignoring metrics cache {path}: it {why}; recomputing", stacklevel=2)
+        return None
+    return features
 
 
 def _fidelity(fake: torch.Tensor, real: torch.Tensor, cache_file: Path, info: ExtractorInfo,
@@ -176,7 +190,7 @@ def _fidelity(fake: torch.Tensor, real: torch.Tensor, cache_file: Path, info: Ex
         if features is None:
             new = torch.load(fidelity_file, map_location="cpu", weights_only=True)
             meta = {"extractor": info.fidelity_name, "feature_layer": layer,
-                    "torch_fidelity": torch_fidelity.__version__}
+                    "torch_fidelity": torch_fidelity.__version__, "sha256": features_sha256(new)}
             _save_atomic({"features": new.contiguous()}, cache_file, meta)
     return raw, features is not None
 

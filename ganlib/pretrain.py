@@ -7,7 +7,9 @@ EMA, precision and the number of processes), as stylegan2-ada keys its cached da
 Layout of an entry, `<cache_dir>/<key>/`:
     generator.safetensors, discriminator.safetensors   the source weights (what `--source` reads)
     samples.png, metrics.json                           what the pretraining run wrote
-    meta.json                                           written last: the completeness marker
+    meta.json                                           written last: the completeness marker, with
+                                                        the SHA-256 of both weight files (checked on
+                                                        every hit; a mismatch is retrained)
 
 Run it:  python -m ganlib.pretrain --net dcgan --data mnist5k:classes=0-4 --steps 2000
 """
@@ -22,18 +24,24 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
 from ganlib import checkpoint as ckpt
-from ganlib.cache import cache_root
+from ganlib.cache import cache_root, file_sha256
 from ganlib.config import TrainConfig, add_arguments, from_arguments
 from ganlib.data import DataSpec
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
+from ganlib.preflight import check_writable
 from ganlib.train import native_channels, train
 
+WEIGHT_FILES = ("generator.safetensors", "discriminator.safetensors")
+LOCK_TIMEOUT_ENV = "GANBENCH_LOCK_TIMEOUT_S"  # longest wait for another job's pretraining of the same source, s
+LOCK_TIMEOUT_S = 3600.0  # its default: a long pretraining elsewhere; bench sets it below its collective timeout
 KEY_VERSION = 2  # bump when a cached source would come out different (2: NHWC on CPU, whole-map matmuls)
 
 # TrainConfig fields that do not change the weights (where files go, logging, timing) or that are
@@ -84,8 +92,21 @@ def source_key(cfg: TrainConfig, num_processes: int = 1, mixed_precision: str = 
 def is_complete(entry: Path) -> bool:
     """Whether a cache entry holds a finished source (meta.json is written last)."""
     entry = Path(entry)
-    return all((entry / name).is_file() for name in ("generator.safetensors", "discriminator.safetensors",
-                                                     ckpt.META))
+    return all((entry / name).is_file() for name in (*WEIGHT_FILES, ckpt.META))
+
+
+def damage(entry: Path) -> str | None:
+    """Why a complete cache entry cannot be trusted (a checksum that differs or is absent), or None."""
+    try:
+        expected = json.loads((Path(entry) / ckpt.META).read_text()).get("sha256") or {}
+    except (OSError, ValueError):
+        return "meta.json unreadable"
+    for name in WEIGHT_FILES:
+        if name not in expected:
+            return f"{name} has no checksum (made by an older ganbench)"
+        if file_sha256(Path(entry) / name) != expected[name]:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def source_meta(entry: Path) -> dict[str, Any]:
@@ -97,27 +118,62 @@ def source_meta(entry: Path) -> dict[str, Any]:
                         "delete it and rerun") from None
 
 
+def lock_timeout() -> float:
+    """Seconds to wait for a source another job is pretraining: $GANBENCH_LOCK_TIMEOUT_S or LOCK_TIMEOUT_S."""
+    value = os.environ.get(LOCK_TIMEOUT_ENV, "")
+    try:
+        seconds = float(value) if value else LOCK_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise UserError(f"{LOCK_TIMEOUT_ENV}={value!r} must be a number of seconds >= 0")
+    return seconds
+
+
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path` (flock), held by this process until the block ends."""
+def _lock(path: Path, timeout_s: float, poll_s: float = 0.2) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (flock), held by this process until the block ends.
+
+    Waits at most `timeout_s`, then raises naming the holder (host, pid and since when, which the
+    holder writes into the file), so a stuck job elsewhere is visible instead of a silent wait.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with open(path, "a+") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    handle.seek(0)
+                    holder = handle.read().strip() or "an unknown process"
+                    raise UserError(f"source cache lock {path} still held after {timeout_s:.0f} s by {holder}; "
+                                       f"wait for that job, stop it, or raise {LOCK_TIMEOUT_ENV}") from None
+                time.sleep(poll_s)
         try:
+            handle.truncate(0)
+            handle.write(f"{socket.gethostname()} pid {os.getpid()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n")
+            handle.flush()
             yield
         finally:
+            handle.truncate(0)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def pretrain_source(cfg: TrainConfig, cache_dir: Path | None = None, accelerator=None) -> tuple[Path, bool]:
+def pretrain_source(cfg: TrainConfig, cache_dir: Path | None = None, accelerator=None,
+                    lock_timeout_s: float | None = None) -> tuple[Path, bool]:
     """Train (or reuse) the source for `cfg`; returns (cache entry directory, whether it was a hit).
 
     `cfg` describes the source run (its `data` is the source dataset, its `steps` the pretraining
     steps); its strategy, source, out and resume are ignored. Every process must call this: on a
     miss all processes train together (the one loop, strategy scratch) into a temporary directory
     that the main process renames into place. Concurrent jobs on one machine serialise on a lock
-    file per key, so a second job waits and then reuses the first job's result. `cache_dir`
-    defaults to `default_cache_dir()`.
+    file per key, so a second job waits (at most `lock_timeout()`) and then reuses the first job's
+    result (`lock_timeout_s`, default `lock_timeout()`; under several processes keep it below the
+    collective timeout, as the others wait in a broadcast meanwhile). A hit whose weights do not
+    match their checksums is retrained, with a warning.
+    `cache_dir` defaults to `default_cache_dir()`.
     """
     cfg.validate()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -128,8 +184,14 @@ def pretrain_source(cfg: TrainConfig, cache_dir: Path | None = None, accelerator
 
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:
-            stack.enter_context(_lock(cache_dir / f".{key}.lock"))
+            check_writable(cache_dir, "source cache", "set GANBENCH_CACHE to a writable directory")
+            stack.enter_context(_lock(cache_dir / f".{key}.lock",
+                                           lock_timeout() if lock_timeout_s is None else lock_timeout_s))
             hit = is_complete(entry)  # checked under the lock: another job may just have finished it
+            why = damage(entry) if hit else None
+            if why:
+                warnings.warn(f"cached source {entry} is damaged ({why}); retraining it", stacklevel=2)
+                hit = False
         else:
             hit = None
         hit = broadcast_object(accelerator, hit)
@@ -148,9 +210,10 @@ def pretrain_source(cfg: TrainConfig, cache_dir: Path | None = None, accelerator
                 shutil.rmtree(tmp / "checkpoint", ignore_errors=True)  # optimiser state: not part of a source
                 meta = {"key": key, "fields": fields, "pretrain_s": time.perf_counter() - started,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                        "img_per_s": result.metrics.get("timing/img_per_s")}
+                        "img_per_s": result.metrics.get("timing/img_per_s"),
+                        "sha256": {name: file_sha256(tmp / name) for name in WEIGHT_FILES}}
                 (tmp / ckpt.META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-                if entry.exists():  # an incomplete leftover (a complete one would have been a hit)
+                if entry.exists():  # an incomplete or damaged leftover (a sound one would have been a hit)
                     shutil.rmtree(entry)
                 os.replace(tmp, entry)
         finally:

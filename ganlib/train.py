@@ -37,12 +37,14 @@ from ganlib.data import DATASETS, FOLDER, DataSpec, DeviceBatcher, load_images
 from ganlib.distributed import (broadcast_buffers, broadcast_object, gather_floats, make_accelerator, shutdown,
                                 unwrap)
 from ganlib.errors import UserError, exit_on_user_error
+from ganlib.preflight import check_free_space, check_writable
 from ganlib.losses import LOSSES, r1_penalty
 from ganlib.measure import StepClock, peak_memory_gb, percentile, reset_peak_memory
 from ganlib.nets import NETWORKS, NetConfig, build_networks
 from ganlib.strategies import GStepContext, SetupContext, build_strategy
 
 SAMPLE_GRID = 64  # images in the fixed-noise sample grid
+SAMPLES_BYTES = 4 * 2**20  # room kept for samples.png, metrics.json and meta files, bytes
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,8 +88,8 @@ def to_channels_last(module: nn.Module) -> None:
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
 
 
-def fingerprint(cfg: TrainConfig) -> str:
-    """Hash of the fields that determine the weights (so a resume cannot mix two different runs)."""
+def _fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields that determine the weights (what `fingerprint` hashes)."""
     ignore = {"out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every", "data_root",
               "download"}
     keep = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
@@ -97,7 +99,27 @@ def fingerprint(cfg: TrainConfig) -> str:
         del keep["augment"], keep["augment_options"]
     else:
         keep["augment_options"] = build_augment(cfg.augment, cfg.augment_options).options_dict()
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    return keep
+
+
+def fingerprint(cfg: TrainConfig) -> str:
+    """Hash of the fields that determine the weights (so a resume cannot mix two different runs)."""
+    return hashlib.sha256(json.dumps(_fingerprint_fields(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _changed_field(written: dict[str, Any], cfg: TrainConfig) -> str:
+    """`--lr-g 0.0002 (checkpoint) vs 0.001 (now)`: the first weight-determining field that differs."""
+    now = _fingerprint_fields(cfg)
+    for name, value in now.items():
+        before = written.get(name, "absent")
+        if name == "strategy_options" and isinstance(before, dict):
+            try:
+                before = build_strategy(written.get("strategy", cfg.strategy), before).options_dict()
+            except UserError:
+                pass
+        if before != value:
+            return f"--{name.replace('_', '-')} {before!r} in the checkpoint, {value!r} now"
+    return "a field this version no longer records"
 
 
 @contextmanager
@@ -188,6 +210,9 @@ class Trainer:
             if not cfg.source:
                 raise UserError(f"strategy {cfg.strategy!r} transfers from a source: pass --source DIR "
                                 "(a directory with generator.safetensors and discriminator.safetensors)")
+            if not Path(cfg.source).is_dir():
+                raise UserError(f"--source {cfg.source}: no such directory (give the directory holding "
+                                "generator.safetensors and discriminator.safetensors)")
             ckpt.load_weights(Path(cfg.source) / "generator.safetensors", G, "source generator")
             ckpt.load_weights(Path(cfg.source) / "discriminator.safetensors", D, "source discriminator")
         self.resume_dir = self.out / "checkpoint"
@@ -196,7 +221,8 @@ class Trainer:
         if resume_from is not None:
             meta = ckpt.read_meta(resume_from)
             if meta.get("fingerprint") != fingerprint(cfg):
-                raise UserError(f"{self.resume_dir} was written by a different configuration; "
+                raise UserError(f"{self.resume_dir} was written by a different configuration "
+                                f"({_changed_field(meta.get('config') or {}, cfg)}); "
                                 "resume with the same options or use another --out")
             written = (meta.get("num_processes", world), meta.get("mixed_precision", accelerator.mixed_precision))
             if written != (world, accelerator.mixed_precision):
@@ -220,6 +246,8 @@ class Trainer:
         opt_g = _make_optimizer(_trainable(g_side), cfg.lr_g, cfg)
         opt_d = _make_optimizer(_trainable(d_side), cfg.lr_d, cfg)
         self.ema = copy.deepcopy(G).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+        _preflight(accelerator, self.out, output_bytes(g_side + d_side, [*opt_g.param_groups, *opt_d.param_groups],
+                                                       self.ema))
 
         g_extras, d_extras = list(strategy.extra_g_modules), list(strategy.extra_d_modules)
         prepared = accelerator.prepare(G, D, *strategy.extra_g_modules.values(),
@@ -481,6 +509,41 @@ class Trainer:
         return metrics
 
 
+def output_bytes(modules: list[nn.Module], param_groups: list[dict], ema: nn.Module | None) -> int:
+    """Bytes the run writes at most, estimated from the parameter counts, in bytes.
+
+    Final weights (+ EMA), and a checkpoint: weights, EMA and Adam's two moments per trainable
+    parameter (fp32); twice, since a new checkpoint is assembled beside the previous one.
+    """
+    tensor_bytes = lambda m: sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+    weights = sum(tensor_bytes(m) for m in modules) + (tensor_bytes(ema) if ema is not None else 0)
+    moments = sum(2 * 4 * p.numel() for group in param_groups for p in group["params"])
+    return weights + 2 * (weights + moments) + SAMPLES_BYTES
+
+
+def _preflight(accelerator, out: Path, need_bytes: int) -> None:
+    """Before any compute: `out` writable with room for `need_bytes` (the main process checks, all raise)."""
+    problem = None
+    if accelerator.is_main_process:
+        try:
+            check_writable(out, "--out", "choose a directory this job can write")
+            check_free_space(out, need_bytes, "--out")
+        except UserError as err:
+            problem = str(err)
+    problem = broadcast_object(accelerator, problem)
+    if problem:
+        raise UserError(problem)
+
+
+def refuse_existing_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """A CLI run must not silently write over another run's files: --resume continues it, --overwrite replaces."""
+    if out.is_dir() and not (resume or overwrite):
+        existing = sorted(p.name for p in out.iterdir())
+        if existing:
+            raise UserError(f"--out {out} already holds a run ({', '.join(existing[:3])}); pass --resume to "
+                            "continue it, --overwrite to write over it, or choose another --out")
+
+
 def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) -> TrainResult:
     """Train G and D per `cfg` on this process group; every process must call it.
 
@@ -526,8 +589,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    cfg = from_arguments(parser.parse_args(argv))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into an --out that already holds files (without --resume)")
+    args = parser.parse_args(argv)
+    cfg = from_arguments(args)
     accelerator = make_accelerator(cfg.mixed_precision, compile=cfg.compile)
+    problem = None
+    if accelerator.is_main_process:  # decided once: another rank's check could see this run's own files
+        try:
+            refuse_existing_out(Path(cfg.out), cfg.resume, args.overwrite)
+        except UserError as err:
+            problem = str(err)
+    problem = broadcast_object(accelerator, problem)
+    if problem:
+        raise UserError(problem)
     try:
         result = train(cfg, accelerator)
     except TrainingDiverged as err:

@@ -27,7 +27,8 @@ from bench.__main__ import main as bench_main
 from bench.cell import FAULT_ENV, run_cell
 from bench.matrix import load_matrix, parse_matrix
 from bench.results import load_records
-from ganlib.distributed import make_accelerator
+from ganlib.errors import UserError
+from ganlib.distributed import TIMEOUT_ENV, make_accelerator
 
 BENCH = Path(sys.executable).with_name("bench")
 PAIR = "mnist5k-c0-4_2_mnist5k-c5-9-n25"
@@ -456,3 +457,104 @@ def test_bench_under_the_users_launch_runs_its_cells_in_that_process_group(tmp_p
     proc = launch_two(["run", str(matrix_file), "--out", str(run_dir)], tmp_path, bench_env(cache))
     assert proc.returncode != 0 and proc.stderr.count("already holds a run") == 2, proc.stderr[-3000:]
     assert (run_dir / "results.jsonl").read_text() == before
+
+
+# --- faults under the user's own launcher: a failed cell, a failure on one rank only ---------------
+
+def two_cells(tmp_path: Path) -> Path:
+    """Two scratch cells (seeds 0 and 1, no pretraining): the first is the one made to fail."""
+    return write(tmp_path / "ext.yaml", tiny_matrix(name="ext", strategies=["scratch"], setups=["cpu-1proc"],
+                                                    seeds=[0, 1], transfer_steps=10))
+
+
+@pytest.mark.slow
+def test_failed_cell_under_the_users_launch_is_recorded_and_the_next_cell_runs(tmp_path, cache):
+    run_dir = tmp_path / "run"
+    env = bench_env(cache, **{FAULT_ENV: "scratch-*-s0=option"})
+    proc = launch_two(["run", str(two_cells(tmp_path)), "--out", str(run_dir)], tmp_path, env)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # a failed cell: exit 1, not a crash
+    recs = {r["seed"]: r for r in records_of(run_dir)}
+    assert recs[0]["status"] == "failed" and "no_such_option" in recs[0]["reason"], recs[0]["reason"]
+    assert recs[1]["status"] == "ok", recs[1]["reason"]
+    assert (run_dir / "report.html").is_file()
+
+
+@pytest.mark.slow
+def test_failure_on_one_rank_only_is_recorded_with_its_reason_and_the_next_cell_runs(tmp_path, cache):
+    """Rank 1 fails alone at the start of the cell; rank 0 waits in a collective until the (short)
+    timeout; both record the cell as failed with rank 1's own reason, and go on together."""
+    run_dir = tmp_path / "run"
+    env = bench_env(cache, **{FAULT_ENV: "scratch-*-s0=oom@1", TIMEOUT_ENV: "8"})
+    proc = launch_two(["run", str(two_cells(tmp_path)), "--out", str(run_dir)], tmp_path, env)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    recs = {r["seed"]: r for r in records_of(run_dir)}
+    reason = recs[0]["reason"]
+    assert recs[0]["status"] == "failed" and reason.startswith("rank 1: out of memory") and FAULT_ENV in reason, reason
+    assert recs[1]["status"] == "ok", recs[1]["reason"]
+    assert proc.stdout.count("agreed: failed") == 2, proc.stdout[-3000:]  # each rank's own verdict
+
+
+# --- the run directory: locked before anything in it is read or written ---------------------------
+
+def test_second_run_into_a_directory_another_run_has_locked_writes_nothing_and_is_refused(tmp_path, monkeypatch):
+    """The first run holds the lock but has not written its plan yet (the window of a simultaneous start)."""
+    import fcntl
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
+    with open(run_dir / run_module.LOCK_FILE, "a") as first:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another `bench run` is using"):
+            run_module.run_matrix(str(matrix_file), out=run_dir, wandb_mode="disabled")
+    assert sorted(p.name for p in run_dir.iterdir()) == [run_module.LOCK_FILE]  # no plan, no matrix written
+
+
+def test_resume_of_a_locked_directory_is_refused_before_reading_it(tmp_path):
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "plan.json").write_text("{torn")  # being written by the run that holds the lock
+    with open(run_dir / run_module.LOCK_FILE, "a") as first:
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another `bench run` is using"):
+            run_module.run_matrix(None, resume=run_dir, wandb_mode="disabled")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "{matrix}", "--out", "{file}"], "is a file"),
+    (["run", "--resume", "{corrupt}"], "plan.json is corrupt"),
+])
+def test_bad_run_directories_are_one_line_exit_2(tmp_path, args, words):
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
+    (tmp_path / "afile").write_text("x")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    write(corrupt / "matrix.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
+    (corrupt / "plan.json").write_bytes(b"\x00\xff{not json")
+    args = [a.format(matrix=matrix_file, file=tmp_path / "afile", corrupt=corrupt) for a in args]
+    proc = subprocess.run([str(BENCH), *args, "--wandb", "disabled"], cwd=tmp_path, capture_output=True, text=True,
+                          env=bench_env(tmp_path / "cache"), timeout=120)
+    assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_unwritable_cache_is_refused_before_any_cell_runs(tmp_path):
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
+    (tmp_path / "afile").write_text("x")
+    proc = subprocess.run([str(BENCH), "run", str(matrix_file), "--out", str(tmp_path / "run"), "--wandb", "disabled"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=bench_env(tmp_path / "afile" / "cache"))
+    assert proc.returncode == 2 and "cache directory" in proc.stderr and "not writable" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_dry_run_checks_the_data_too(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    pairs = [{"source": "mnist5k:classes=0-4", "target": "mnist5k:classes=5:n=99999"}]  # more than class 5 has
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(pairs=pairs, setups=["cpu-1proc"]))
+    with pytest.raises(UserError, match="n=99999"):
+        run_module.run_matrix(str(matrix_file), dry_run=True, wandb_mode="disabled")
+    assert not (tmp_path / "runs").exists()

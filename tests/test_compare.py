@@ -323,3 +323,69 @@ def test_share_tolerance_flag_and_runs_without_shares(tmp_path):
     assert not cmp.regressed and _cell(cmp, A).metrics[TARGET_SHARE].change is None
     with pytest.raises(UserError, match="share tolerance 1.5"):
         compare_runs(base, new, share_tol=1.5)
+
+
+# --- the gate fails closed ------------------------------------------------------------------------
+
+def _edit_records(run_dir, edit):
+    """Rewrite results.jsonl, passing each record through `edit(record)`."""
+    path = run_dir / "results.jsonl"
+    records = [edit(json.loads(line)) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), float("inf")])
+@pytest.mark.parametrize("key", [FID, THROUGHPUT, MEMORY])
+def test_missing_or_non_finite_gated_metric_in_the_new_run_is_a_regression(tmp_path, capsys, key, value):
+    base = write_run(tmp_path / "base")
+    new = write_run(tmp_path / "new")
+
+    def lose_metric(record):
+        if record["cell_id"] == f"{B}-s1":
+            if value is None:
+                record["metrics"].pop(key)
+            else:
+                record["metrics"][key] = value
+        return record
+
+    _edit_records(new, lose_metric)
+    cell = _cell(compare_runs(base, new), B)
+    assert cell.regressions == [key] and cell.verdict == "REGRESSED"
+    assert main_compare([str(base), str(new)]) == 1
+    assert "not measurable (new seed 1:" in capsys.readouterr().out
+
+
+def test_cell_run_with_another_config_is_not_compared_and_fails_the_gate(tmp_path, capsys):
+    base = write_run(tmp_path / "base")
+    new = write_run(tmp_path / "new")
+
+    def more_steps(record):
+        record["config"] = {"seed": record["seed"], "out": f"/elsewhere/{record['cell_id']}",
+                            "transfer": {"steps": 400 if record["cell_id"].startswith(C) else 300}}
+        return record
+
+    _edit_records(new, more_steps)
+    _edit_records(base, lambda r: dict(r, config={"seed": r["seed"], "out": "/here", "transfer": {"steps": 300}}))
+    cmp = compare_runs(base, new)
+    assert _cell(cmp, C).verdict == "CONFIG" and _cell(cmp, C).metrics == {}
+    assert "transfer.steps 300 -> 400" in _cell(cmp, C).note
+    assert [_cell(cmp, name).verdict for name in (A, B)] == ["OK", "OK"]  # where configs match (out, seed aside)
+    assert main_compare([str(base), str(new)]) == 1
+    assert "config differs" in capsys.readouterr().out
+
+
+def test_no_cell_with_the_same_config_is_refused_naming_the_difference(tmp_path):
+    base = write_run(tmp_path / "base")
+    new = write_run(tmp_path / "new")
+    _edit_records(new, lambda r: dict(r, config={"seed": r["seed"], "transfer": {"batch": 32}}))
+    _edit_records(base, lambda r: dict(r, config={"seed": r["seed"], "transfer": {"batch": 64}}))
+    with pytest.raises(UserError, match=r"no cell ran the same config.*transfer.batch 64 -> 32"):
+        compare_runs(base, new)
+
+
+def test_transfer_share_lost_in_the_new_run_fails_closed(tmp_path):
+    base = write_run(tmp_path / "base", shares=SHARES)
+    new = write_run(tmp_path / "new", noise_seed=1)  # the same cells, no transfer metrics recorded
+    cell = _cell(compare_runs(base, new), A)
+    assert cell.verdict == "REGRESSED" and TARGET_SHARE in cell.regressions
+    assert main_compare([str(base), str(new)]) == 1

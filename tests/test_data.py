@@ -292,6 +292,15 @@ def test_folder_loads_sorted_recursive_resized(tmp_path):
     assert grey.images.shape == (2, 1, 8, 8)
 
 
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    _save_png(tmp_path / "imgs" / "deep.png", ramp)
+    with Image.open(tmp_path / "imgs" / "deep.png") as img:
+        assert img.mode.startswith("I")  # what Pillow makes of it: 16-bit grey
+    data = load_images(f"folder:{tmp_path / 'imgs'}", 16, 1)
+    assert torch.equal(data.images[0, 0], torch.from_numpy((ramp // 257).astype(np.uint8)))
+
+
 def test_folder_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         load_images(f"folder:{tmp_path / 'nope'}", 16, 1)

@@ -168,6 +168,7 @@ BAD = [
     ("empty augment list", dict(augment=[]), ["augment"]),
     ("strategy augment entry with a typo", dict(strategies=[{"name": "finetune", "augment": [{"nam": "ada"}]}]),
      ["nam"]),
+    ("strategy options a list", dict(strategies=[{"name": "freeze_d", "options": [1]}]), ["options", "mapping", "[1]"]),
 ]
 
 
@@ -216,6 +217,8 @@ def test_unknown_preset_or_missing_file(ref, word):
     ("mixed_precision: fp8\n", "mixed_precision"),
     ("use_cpu: true\nmixed_precision: fp16\n", "fp16"),
     ("num_processes: 0\n", "num_processes"),
+    ("num_processes: two\n", "num_processes='two' must be an integer >= 1"),
+    ("num_machines: 1.5\n", "num_machines=1.5"),
 ])
 def test_bad_setup_file(tmp_path, setup, word):
     path = tmp_path / "s.yaml"
@@ -231,6 +234,30 @@ def test_bad_setup_file(tmp_path, setup, word):
 def test_check_data_refuses_data_the_dataset_lacks(target, word):
     matrix = parse_matrix(_tiny(pairs=[{"source": "mnist5k:classes=0-4", "target": target}]), "m.yaml")
     with pytest.raises(UserError, match=word):
+        check_data(matrix)
+
+
+@pytest.mark.parametrize("content", [
+    "name: x\n".encode("utf-16"),                        # UTF-16 with its byte-order mark
+    bytes(range(256)) * 4,                                # binary
+])
+def test_matrix_file_that_is_not_utf8_text_is_one_line(tmp_path, content):
+    path = tmp_path / "m.yaml"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="is not UTF-8 text") as err:
+        load_matrix(str(path))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_check_data_refuses_a_folder_target_too_small_to_score(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "one").mkdir()
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "one" / "only.png")
+    matrix = parse_matrix(_tiny(pairs=[{"source": "mnist5k:classes=0-4", "target": f"folder:{tmp_path / 'one'}"}]),
+                          "m.yaml")
+    with pytest.raises(UserError, match=f"holds 1 image\\(s\\); .* needs at least {MIN_SAMPLES}"):
         check_data(matrix)
 
 

@@ -207,6 +207,22 @@ def test_real_features_are_cached_and_recomputed_when_deleted(mnist, tmp_path, m
     assert third["quality/fid"] == pytest.approx(first["quality/fid"], rel=1e-6)
 
 
+def test_zeroed_cached_features_are_detected_and_recomputed(mnist, tmp_path):
+    cfg = MetricConfig(num_samples=100, precision_recall=False, cache_dir=str(tmp_path))
+    fake, real = noisy(mnist[:100], 30), mnist
+    first = compute_metrics(fake, real, "mnist5k", cfg)
+    path = real_cache_path(real, "mnist5k", cfg)
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")  # keep the header: the file still loads, as zeros
+    raw[start:] = bytes(len(raw) - start)
+    path.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match="does not match its checksum; recomputing"):
+        second = compute_metrics(fake, real, "mnist5k", cfg)
+    assert not second["quality/real_cached"]
+    assert second["quality/fid"] == pytest.approx(first["quality/fid"], rel=1e-6)
+    assert compute_metrics(fake, real, "mnist5k", cfg)["quality/real_cached"]  # rewritten, sound again
+
+
 def test_cache_key_depends_on_what_changes_the_features(mnist, tmp_path):
     cfg = MetricConfig(cache_dir=str(tmp_path))
     base = real_cache_path(mnist[:2000], "mnist5k", cfg)

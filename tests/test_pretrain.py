@@ -134,3 +134,51 @@ def test_cli_reports_pretrained_then_reused_and_exits_2_on_bad_input(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown network 'nope'" in err[0]
 
+
+
+# --- the cache does not trust its files; its lock wait is bounded; an unwritable cache is found first ---
+
+def _zero_tensor_bytes(path):
+    """Zero every tensor byte of a safetensors file, keeping its header: it still loads, as zeros."""
+    raw = bytearray(path.read_bytes())
+    start = 8 + int.from_bytes(raw[:8], "little")
+    raw[start:] = bytes(len(raw) - start)
+    path.write_bytes(bytes(raw))
+
+
+def test_a_zeroed_cached_source_is_detected_and_retrained(tmp_path, monkeypatch):
+    cfg = TrainConfig(**SOURCE)
+    entry, _ = pretrain_source(cfg, tmp_path)
+    sound = {k: t.clone() for k, t in load_file(str(entry / "generator.safetensors")).items()}  # not a view of the file
+    _zero_tensor_bytes(entry / "generator.safetensors")
+    assert all(not t.any() for t in load_file(str(entry / "generator.safetensors")).values())  # loads fine
+
+    trained = []
+    real_train = pretrain.train
+    monkeypatch.setattr(pretrain, "train", lambda *a, **k: trained.append(1) or real_train(*a, **k))
+    with pytest.warns(UserWarning, match=r"generator.safetensors does not match its checksum\); retraining"):
+        entry2, hit = pretrain_source(cfg, tmp_path)
+    assert entry2 == entry and not hit and trained == [1]
+    again = load_file(str(entry / "generator.safetensors"))
+    assert all(torch.equal(t, sound[k]) for k, t in again.items())  # the same seed: the same weights
+    assert pretrain.damage(entry) is None
+
+
+def test_a_held_lock_is_waited_for_boundedly_and_names_its_holder(tmp_path, monkeypatch):
+    cfg = TrainConfig(**SOURCE)
+    monkeypatch.setattr(pretrain, "train", _no_training)
+    with open(tmp_path / f".{source_key(cfg)}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # "the other job", stuck
+        lock.write("node7 pid 4242 since 2026-11-30T01:00:00+0000\n")
+        lock.flush()
+        started = time.monotonic()
+        with pytest.raises(pretrain.UserError, match=r"still held after 1 s by node7 pid 4242"):
+            pretrain_source(cfg, tmp_path, lock_timeout_s=1.0)
+        assert time.monotonic() - started < 10
+
+
+def test_an_unwritable_cache_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr(pretrain, "train", _no_training)
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(pretrain.UserError, match=r"source cache .*file/sources is not writable"):
+        pretrain_source(TrainConfig(**SOURCE), tmp_path / "file" / "sources")

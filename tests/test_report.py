@@ -199,3 +199,14 @@ def test_show_cli_and_user_error(fake_run, tmp_path, capsys):
         show_main([str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: no results.jsonl")
+
+
+def test_torn_last_line_is_warned_about_in_show_and_report(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    make_fake_run(run_dir)
+    with open(run_dir / "results.jsonl", "a") as f:  # a writer killed mid-line
+        f.write('{"schema": 1, "run_id": "x", "cell_id": "finetune-')
+    with pytest.warns(UserWarning, match="torn last line"):
+        show_main([str(run_dir)])
+    with pytest.warns(UserWarning, match="torn last line"):
+        write_report(run_dir)

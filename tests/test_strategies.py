@@ -476,7 +476,8 @@ BAD = [
     pytest.param(dict(strategy="finetune", size=32), "does not match this network", id="source-other-size"),
     pytest.param(dict(strategy="finetune", net="resnet", size=32), "does not match", id="source-other-net"),
     pytest.param(dict(strategy="finetune", width=16), "does not match", id="source-other-width"),
-    pytest.param(dict(strategy="finetune", source="/nonexistent/dir"), "unreadable", id="source-missing"),
+    pytest.param(dict(strategy="finetune", source="/nonexistent/dir"), "/nonexistent/dir: no such directory",
+                 id="source-missing"),
 ]
 
 

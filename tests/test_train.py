@@ -25,7 +25,7 @@ from ganlib.distributed import make_accelerator
 from ganlib.losses import GANLoss
 from ganlib.nets import NetConfig, build_networks
 from ganlib.registry import Registry
-from ganlib.train import TrainingDiverged, main, train
+from ganlib.train import SAMPLES_BYTES, Trainer, TrainingDiverged, main, output_bytes, train
 
 TINY_ARGS = ["--width", "8", "--batch", "8", "--data", "mnist5k:classes=0-1:n=64", "--no-progress",
              "--log-every", "2", "--warmup-steps", "1"]
@@ -158,6 +158,9 @@ def test_fp16_on_cpu_exits_2_with_one_line_and_writes_nothing(tmp_path):
     (["--strategy", "freeze_d", "--strategy-opt", "layerz=1"], "layerz"),
     (["--strategy", "minegan"], "--source"),
     (["--strategy", "finetune", "--source", "{empty}"], "source generator"),
+    (["--strategy", "finetune", "--source", "{empty}/missing"], "missing: no such directory"),
+    (["--lr-g", "nan"], "lr_g=nan must be a finite number"),
+    (["--beta1", "1.5"], "beta1=1.5"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, words, tmp_path, capsys):
     empty = tmp_path / "empty"
@@ -184,8 +187,8 @@ def finished_run(tiny_config):
     ("generator.safetensors", [], "corrupt"),
     ("optim.pt", [], "unreadable"),
     ("rng-rank0.safetensors", [], "corrupt"),
-    (None, ["--lr-g", "1e-3"], "different configuration"),
-    (None, ["--steps", "3"], "different configuration"),
+    (None, ["--lr-g", "1e-3"], "different configuration (--lr-g 0.0002 in the checkpoint, 0.001 now)"),
+    (None, ["--steps", "3"], "different configuration (--steps 2 in the checkpoint, 3 now)"),
 ])
 def test_bad_resume_exits_2_and_changes_nothing(finished_run, damage, extra, words, capsys):
     if damage:
@@ -489,3 +492,48 @@ def test_memory_format_auto_is_channels_last_on_cpu(memory_format, nhwc, tmp_pat
     conv_weights = [p for m in (trainer.G, trainer.D) for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1]
     assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) == nhwc for p in conv_weights)
     trainer.step(0)  # and a step runs in that format
+
+
+# --- the output directory: never overwritten silently, checked before any compute ---------------
+
+def test_existing_out_needs_resume_or_overwrite(finished_run, capsys):
+    before = snapshot(finished_run)
+    code, err = run_main([*TINY_ARGS, "--steps", "2", "--out", str(finished_run)], capsys)
+    assert code == 2 and len(err) == 1 and "already holds a run" in err[0] and "--overwrite" in err[0], err
+    assert snapshot(finished_run) == before
+    code, err = run_main([*TINY_ARGS, "--steps", "2", "--seed", "1", "--overwrite", "--out", str(finished_run)], capsys)
+    assert code == 0, err
+    assert snapshot(finished_run)["generator.safetensors"] != before["generator.safetensors"]
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if a training step runs (the checks must come before any compute)."""
+    def step(self, step):
+        raise AssertionError("trained before the output directory was checked")
+    monkeypatch.setattr(Trainer, "step", step)
+
+
+def test_out_naming_a_file_is_refused_before_training(tmp_path, capsys, no_training):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        code, err = run_main([*TINY_ARGS, "--steps", "2", "--out", str(out)], capsys)
+        assert code == 2 and len(err) == 1 and "is not writable" in err[0] and str(out) in err[0], err
+
+
+def test_too_little_free_space_is_refused_before_training(tmp_path, capsys, no_training, monkeypatch):
+    import ganlib.preflight as preflight
+
+    usage = preflight.shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage._replace(free=2**20))
+    code, err = run_main([*TINY_ARGS, "--steps", "2", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and len(err) == 1 and "1 MiB free, the run needs about" in err[0], err
+
+
+def test_output_estimate_counts_weights_moments_and_two_checkpoints():
+    G, D = build_networks(NetConfig("dcgan", 28, 1, 100, 8))
+    opt = torch.optim.Adam(list(G.parameters()) + list(D.parameters()))
+    weights = sum(t.numel() * 4 for m in (G, D) for t in (*m.parameters(), *m.buffers()) if t.is_floating_point())
+    weights += sum(t.numel() * t.element_size() for m in (G, D) for t in m.buffers() if not t.is_floating_point())
+    moments = 2 * 4 * sum(p.numel() for m in (G, D) for p in m.parameters())
+    assert output_bytes([G, D], opt.param_groups, None) == weights + 2 * (weights + moments) + SAMPLES_BYTES

@@ -239,14 +239,25 @@ def list_image_files(path: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
+def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Integer grey pixels -> uint8, scaled by their bit depth: 16-bit (I;16*, or mode I holding
+    values above 255, as 16-bit PNGs open in some Pillow versions) by 255/65535, else unchanged."""
+    values = values.astype(np.float64)
+    full = 65535.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+    return np.clip(np.rint(values * (255.0 / full)), 0, 255).astype(np.uint8)
+
+
 def read_image(path: Path) -> torch.Tensor:
     """One image file -> uint8 [C, H, W], C = 1 for grey images and 3 otherwise (alpha dropped)."""
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     try:
         with Image.open(path) as img:
-            grey = img.mode in ("1", "L", "LA", "I", "I;16", "F")
-            pixels = np.asarray(img.convert("L" if grey else "RGB"))
+            grey = img.mode in ("1", "L", "LA", "F") or img.mode.startswith("I")
+            if img.mode.startswith("I"):  # 16-bit (or 32-bit int) grey: convert("L") would clip it to white
+                pixels = _scale_to_uint8(np.asarray(img), img.mode)
+            else:
+                pixels = np.asarray(img.convert("L" if grey else "RGB"))
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise UserError(f"cannot read image {str(path)!r}: {_first_line(err)}; fix or remove the file") from None
     tensor = torch.from_numpy(pixels.copy())
