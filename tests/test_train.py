@@ -346,12 +346,15 @@ def test_kill_and_resume_with_an_extra_module_minegan(tmp_path):
 # --- two processes (DDP over gloo on CPU) -------------------------------------------------------------
 
 RANK_SCRIPT = '''
-"""Train like `python -m ganlib.train`, then each rank saves its own final state dicts and metrics."""
+"""Train like `python -m ganlib.train`, then each rank saves its own final state dicts, metrics and
+fingerprints of the batches and latents it drew."""
 import json, sys, time
 from pathlib import Path
 from safetensors.torch import save_file
 from ganlib.config import ArgumentParser, add_arguments, from_arguments
+from ganlib.data import DeviceBatcher
 from ganlib.distributed import make_accelerator, shutdown, unwrap
+from ganlib.strategies.base import Strategy
 from ganlib.train import train
 
 parser = ArgumentParser()
@@ -367,6 +370,22 @@ def spy_prepare(*objs):  # train() prepares once: G, D, extras, optimisers
     return result
 
 acc.prepare = spy_prepare
+
+# What this rank trains on: a fingerprint of every real batch and every training latent batch.
+draws = {"data": [], "latent": []}
+real_next, real_map_latent = DeviceBatcher.next, Strategy.map_latent
+
+def spy_next(self, batch_size):
+    batch = real_next(self, batch_size)
+    draws["data"].append(batch.double().flatten(1).sum(1).tolist())
+    return batch
+
+def spy_map_latent(self, z, step):
+    if step is not None:  # training latents (evaluation and sample grids use fixed ones)
+        draws["latent"].append(z.double().sum(1).tolist())
+    return real_map_latent(self, z, step)
+
+DeviceBatcher.next, Strategy.map_latent = spy_next, spy_map_latent
 start = time.perf_counter()
 result = train(cfg, acc)
 wall = time.perf_counter() - start
@@ -374,6 +393,7 @@ rank = acc.process_index
 for module, name in zip(prepared[:2], ["generator", "discriminator"]):
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(acc, module).state_dict().items()}
     save_file(state, str(Path(cfg.out) / f"rank{rank}-{name}.safetensors"))
+(Path(cfg.out) / f"rank{rank}-draws.json").write_text(json.dumps(draws))
 (Path(cfg.out) / f"rank{rank}-metrics.json").write_text(json.dumps({**result.metrics, "test/wall_s": wall}))
 shutdown(acc)
 '''
@@ -415,6 +435,13 @@ def test_two_processes_end_with_identical_weights_and_count_both(tmp_path):
     walls = [m0.pop("test/wall_s"), m1.pop("test/wall_s")]  # each rank's own clock around train()
     assert m0 == m1 == json.loads((out / "metrics.json").read_text())
     assert m0["env/num_processes"] == 2 and len(m0["resources/peak_mem_gb_per_process"]) == 2
+    # each process trains on its own real batches and latents: else the summed count below is one
+    # process's work counted twice
+    d0 = json.loads((out / "rank0-draws.json").read_text())
+    d1 = json.loads((out / "rank1-draws.json").read_text())
+    for kind in ("data", "latent"):
+        assert len(d0[kind]) == len(d1[kind]) == steps, kind
+        assert all(a != b for a, b in zip(d0[kind], d1[kind])), kind
     assert m0["timing/timed_steps"] == steps - 1
     # both processes' images count: steps x batch x 2 over the slowest process's timed seconds
     assert m0["timing/img_per_s"] * m0["timing/timed_s"] == pytest.approx((steps - 1) * batch * 2)
