@@ -465,13 +465,25 @@ def test_two_process_cli_exits_cleanly(tmp_path):
 
 
 
-@pytest.mark.slow
-def test_compiled_run_writes_weights_a_transfer_can_load(tmp_path):
-    # the eager dynamo backend wraps the networks exactly as inductor does, without minutes of compiling
+def test_compiled_run_writes_weights_a_transfer_can_load(tmp_path, monkeypatch, capsys):
+    # A launch config's dynamo backend (as `accelerate launch --dynamo_backend` exports it) reaches
+    # `prepare`: dynamo traces the networks. The eager backend wraps and traces them exactly as
+    # inductor does, without minutes of compiling.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # compiling sets it; restored after
     out = tmp_path / "out"
-    env = {**os.environ, "ACCELERATE_DYNAMO_BACKEND": "EAGER"}
-    proc = cli([*TINY_ARGS, "--steps", "2", "--out", str(out)], env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        code, err = run_main([*TINY_ARGS, "--steps", "2", "--out", str(out)], capsys)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert code == 0, err[-20:]
+    assert graphs >= 2  # G and D at least
     G, D = build_networks(NetConfig("dcgan", 28, 1, 100, 8))
     ckpt.load_weights(out / "generator.safetensors", G)  # no `_orig_mod.` prefix on the names
     ckpt.load_weights(out / "discriminator.safetensors", D)
@@ -480,6 +492,22 @@ def test_compiled_run_writes_weights_a_transfer_can_load(tmp_path):
 
 def test_compile_flag_asks_accelerate_for_inductor():
     assert make_accelerator("no", compile=True).state.dynamo_plugin.backend == "INDUCTOR"
+
+
+def test_compile_option_compiles_the_networks(tiny_config, tmp_path, monkeypatch):
+    # torch.compile is lazy: building the trainer wraps the networks, the first step would compile
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from ganlib.train import Trainer
+
+    monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    trainer = Trainer(tiny_config(compile=True))
+    assert trainer.accelerator.state.dynamo_plugin.backend == "INDUCTOR"
+    assert isinstance(trainer.G, OptimizedModule) and isinstance(trainer.D, OptimizedModule)
+    AcceleratorState._reset_state(True)
+    plain = Trainer(tiny_config())
+    assert not isinstance(plain.G, OptimizedModule) and not isinstance(plain.D, OptimizedModule)
 
 
 def test_compiling_keeps_kernels_in_the_ganbench_cache_unless_told_otherwise(tmp_path, monkeypatch):
