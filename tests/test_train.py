@@ -543,4 +543,8 @@ def test_memory_format_auto_is_channels_last_on_cpu(memory_format, nhwc, tmp_pat
     trainer = Trainer(cfg, make_accelerator("no"))
     conv_weights = [p for m in (trainer.G, trainer.D) for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1]
     assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) == nhwc for p in conv_weights)
-    trainer.step(0)  # and a step runs in that format
+    before = [p.detach().clone() for p in conv_weights]
+    logs = trainer.step(0)  # and a step trains in that format, and keeps it
+    assert {"loss/D", "loss/G"} <= logs.keys() and all(torch.isfinite(v) for v in logs.values())
+    assert all(not torch.equal(p, b) for p, b in zip(conv_weights, before))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) == nhwc for p in conv_weights)
