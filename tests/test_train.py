@@ -548,3 +548,26 @@ def test_memory_format_auto_is_channels_last_on_cpu(memory_format, nhwc, tmp_pat
     assert {"loss/D", "loss/G"} <= logs.keys() and all(torch.isfinite(v) for v in logs.values())
     assert all(not torch.equal(p, b) for p, b in zip(conv_weights, before))
     assert all(p.is_contiguous(memory_format=torch.channels_last) == nhwc for p in conv_weights)
+
+
+# --- model FLOPs (perf/*) ----------------------------------------------------------------------------
+
+
+def test_flops_per_step_is_the_hand_count_of_an_mlp_step(tiny_config):
+    # One scratch step of the MLP pair, counted by hand in multiply-accumulates per sample (x2 for
+    # FLOPs): G and D are Linear layers only (BatchNorm and activations are not counted).
+    cfg = tiny_config(net="mlp", width=8, size=28, steps=2, warmup_steps=1, log_every=1)
+    latent, hidden, pixels = cfg.latent_dim, 4 * cfg.width, cfg.size * cfg.size
+    g = latent * hidden + 2 * hidden * hidden + hidden * pixels  # one G forward
+    d = pixels * hidden + 2 * hidden * hidden + hidden           # one D forward
+    macs = (g                      # G forward, once: D scores its images detached, G back-propagates them
+            + 2 * d                # D forward on real and fake
+            + 2 * d                # D phase backward: weight gradients of both forwards ...
+            + 2 * (d - pixels * hidden)  # ... and input gradients, but not into the images
+            + d + d                # G phase: D forward on fake, back through D (input gradients only: D frozen)
+            + g + (g - latent * hidden))  # G's weight gradients, and input gradients but not into z
+    metrics = train(cfg).metrics
+    assert metrics["perf/flops_per_step"] == 2 * macs * cfg.batch
+    timed_s = metrics["timing/timed_s"]
+    assert metrics["perf/achieved_tflops"] == pytest.approx(
+        metrics["perf/flops_per_step"] * metrics["timing/timed_steps"] / timed_s / 1e12)
