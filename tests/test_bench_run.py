@@ -134,6 +134,7 @@ REQUIRED_METRICS = (
     "resources/mem_kind", "resources/optimizer_state_bytes", "params/trainable", "params/frozen",
     "quality/fid", "quality/kid_mean", "quality/kid_std", "quality/precision", "quality/recall",
     "quality/extractor", "quality/num_samples",
+    "perf/flops_per_step", "perf/achieved_tflops", "perf/peak_tflops", "perf/peak_fraction",
 )
 # The 1xgpu-bf16 cells run where a GPU is, and are skipped elsewhere: expectations follow this machine.
 GPUS = torch.cuda.device_count()
@@ -189,6 +190,11 @@ def test_ok_record_carries_every_field(main_run, strategy, setup, procs):
     assert m["resources/peak_mem_gb"] == max(m["resources/peak_mem_gb_per_process"]) > 0
     assert m["resources/mem_kind"] == "cpu_peak_rss" and m["resources/optimizer_state_bytes"] > 0
     assert m["params/trainable"] > 0
+    # model FLOPs: per process, so the same in both setups; utilisation below this machine's matmul peak
+    other = by_id(run_dir)[_id(strategy, "cpu-2proc" if procs == 1 else "cpu-1proc")]["metrics"]
+    assert m["perf/flops_per_step"] == other["perf/flops_per_step"] > 0
+    assert 0 < m["perf/achieved_tflops"] < m["perf/peak_tflops"]
+    assert m["perf/peak_fraction"] == pytest.approx(m["perf/achieved_tflops"] / m["perf/peak_tflops"])
     assert m["quality/fid"] > 0 and m["quality/kid_std"] >= 0 and 0 <= m["quality/precision"] <= 1
     assert 0 <= m["quality/recall"] <= 1
     assert (m["quality/extractor"], m["quality/num_samples"]) == ("lenet-mnist5k", 100)
@@ -206,6 +212,31 @@ def test_ok_record_carries_every_field(main_run, strategy, setup, procs):
     assert not [k for k in REQUIRED_ENV if k not in env]
     assert env["num_processes"] == env["device_count"] == len(env["devices"]) == procs
     assert env["torch"] == torch.__version__ and env["mixed_precision"] == "no"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["finetune", "freeze_d"])
+def test_recorded_fid_is_the_fid_of_the_saved_generator(main_run, strategy, tmp_path):
+    # recomputed here, in one process, from the cell's written weights and the matrix's metric settings
+    from bench.cell import EVAL_SEED
+    from ganlib import checkpoint as ckpt
+    from ganlib.data import load_images
+    from ganlib.metrics import MetricConfig, evaluate_generator
+    from ganlib.nets import NetConfig, build_networks
+
+    _, run_dir, matrix = main_run
+    r = by_id(run_dir)[_id(strategy, "cpu-1proc")]
+    cell = next(c for c in matrix.cells() if c.id == r["cell_id"])
+    t = r["config"]["transfer"]
+    G, _ = build_networks(NetConfig(t["net"], t["size"], t["channels"] or 1, t["latent_dim"], t["width"]))
+    ckpt.load_weights(run_dir / r["artifacts"]["dir"] / "generator.safetensors", G)
+    m = matrix.metrics
+    cfg = MetricConfig(extractor=m.extractor, num_samples=m.num_samples, precision_recall=m.precision_recall,
+                       inception_weights=m.inception_weights, cache_dir=str(tmp_path))
+    real = load_images(cell.pair.eval_target, t["size"], t["channels"] or 1).images
+    direct = evaluate_generator(make_accelerator("no"), G, real, "recomputed", cfg, seed=EVAL_SEED)
+    assert r["metrics"]["quality/fid"] == pytest.approx(direct["quality/fid"], rel=1e-6)
+    assert r["metrics"]["quality/kid_mean"] == pytest.approx(direct["quality/kid_mean"], rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.slow
