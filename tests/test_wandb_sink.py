@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import shutil
 import socket
 import struct
 import time
@@ -143,22 +144,9 @@ def _contains(root: Path, needle: bytes) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
-def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
-    run_dir, records = fake_run
-    cells = _pick(records)
-    cells[0] = {**cells[0], "config": {**cells[0]["config"],
-                                       "wandb": {"api_key": SECRET, "entity": "me"}}}
-    sink = WandbSink(mode="auto", dir=run_dir)  # auto + WANDB_MODE=offline
-    assert sink.mode == "offline"
-    for r in cells:
-        assert sink.log_cell(r, run_dir / r["artifacts"].get("samples", "none.png"))
-    plots = sorted(Path(p) for p in glob.glob(str(run_dir / "cells" / "*" / "real.png")))[:2]
-    assert sink.log_summary(records[0]["run_id"], records, plots)
-    assert sink.enabled and sink.warning is None
-
-    runs = offline_runs(run_dir)
-    assert set(runs) == {r["cell_id"] for r in cells} | {f"{records[0]['run_id']}-summary"}
-    for r in cells:
+def assert_runs_match(runs: dict[str, dict], records: list[dict]) -> None:
+    """Each record's W&B run holds its identity, scrubbed config, curves as history, metrics as summary."""
+    for r in records:
         run = runs[r["cell_id"]]
         assert (run["group"], run["job_type"]) == (r["run_id"], r["strategy"])
         assert run["tags"] == [r["pair"], r["setup"], r["network"]]
@@ -190,6 +178,24 @@ def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
         if r["status"] == "ok":
             assert run["summary"]["samples/_type"] == "image-file"
             assert (run["dir"] / "files" / run["summary"]["samples/path"]).is_file()
+
+
+def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
+    run_dir, records = fake_run
+    cells = _pick(records)
+    cells[0] = {**cells[0], "config": {**cells[0]["config"],
+                                       "wandb": {"api_key": SECRET, "entity": "me"}}}
+    sink = WandbSink(mode="auto", dir=run_dir)  # auto + WANDB_MODE=offline
+    assert sink.mode == "offline"
+    for r in cells:
+        assert sink.log_cell(r, run_dir / r["artifacts"].get("samples", "none.png"))
+    plots = sorted(Path(p) for p in glob.glob(str(run_dir / "cells" / "*" / "real.png")))[:2]
+    assert sink.log_summary(records[0]["run_id"], records, plots)
+    assert sink.enabled and sink.warning is None
+
+    runs = offline_runs(run_dir)
+    assert set(runs) == {r["cell_id"] for r in cells} | {f"{records[0]['run_id']}-summary"}
+    assert_runs_match(runs, cells)
     assert runs[cells[0]["cell_id"]]["config"]["wandb"] == {"api_key": REDACTED, "entity": "me"}
 
     summary = runs[f"{records[0]['run_id']}-summary"]
@@ -335,3 +341,17 @@ def test_credential_names_are_redacted(name):
 @pytest.mark.parametrize("name", ["monkey_patch", "tokenizer", "keypoints", "donkey", "passthrough", "secretary"])
 def test_names_that_only_contain_a_credential_word_are_kept(name):
     assert scrub({name: 1}) == {name: 1}
+
+
+@pytest.mark.slow
+def test_offline_runs_match_the_records_of_a_real_run(real_run, wandb_env, tmp_path):
+    run_dir, records = real_run
+    copy = tmp_path / "run"  # the sink writes under the run directory: leave the session's run as it was
+    shutil.copytree(run_dir, copy)
+    sink = WandbSink(mode="offline", dir=copy)
+    for r in records:
+        assert sink.log_cell(r, copy / r["artifacts"]["samples"] if "samples" in r["artifacts"] else None)
+    assert sink.enabled and sink.warning is None
+    runs = offline_runs(copy)
+    assert set(runs) == {r["cell_id"] for r in records}
+    assert_runs_match(runs, records)
