@@ -37,7 +37,10 @@ from ganlib.errors import UserError
 from bench.results import IDENTITY_FIELDS, latest_per_cell
 
 MODES = ("auto", "online", "offline", "disabled")
-SECRET_KEY = re.compile(r"key|token|secret|password", re.IGNORECASE)
+# A credential's name has one of these words as a whole word (snake_case, kebab-case or camelCase):
+# `API_KEY`, `accessToken`, `apikey`, but not `monkey_patch` or `tokenizer`.
+SECRET_WORD = re.compile(r"(?:^|[^a-z0-9])(?:api_?key|keys?|tokens?|secrets?|passwords?|passwd|credentials?)"
+                         r"(?:$|[^a-z0-9])")
 REDACTED = "[redacted]"
 DEFAULT_HOST = "api.wandb.ai"
 INIT_TIMEOUT_S = 30.0    # how long wandb.init may wait for the backend / server
@@ -45,10 +48,16 @@ FINISH_TIMEOUT_S = 60.0  # how long finish may wait for uploads before giving up
 SUMMARY_FIELDS = ("status", "reason")
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a config key names a credential (see SECRET_WORD); camelCase humps count as words."""
+    return SECRET_WORD.search(re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()) is not None
+
+
 def scrub(obj):
-    """A copy of `obj` with the value of every key matching key|token|secret|password redacted."""
+    """A copy of `obj` with the value of every key that names a credential (key, token, secret,
+    password as a word) redacted."""
     if isinstance(obj, dict):
-        return {k: (REDACTED if SECRET_KEY.search(str(k)) else scrub(v)) for k, v in obj.items()}
+        return {k: (REDACTED if is_secret_name(str(k)) else scrub(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [scrub(v) for v in obj]
     return obj

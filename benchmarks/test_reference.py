@@ -20,6 +20,10 @@ from ganlib.nets import NetConfig, build_networks
 
 BATCH = 64
 WIDTH = 64
+# README's figure, asserted with a margin: fp32 ours/reference measured 1.15-1.26x on a CPU, 2.5-5.7x on
+# an H200; below 1.0 the claim "faster than the loop people write" is false. (bf16 is not asserted:
+# its speed-up on a CPU depends on AMX.)
+MIN_FP32_RATIO = 1.0
 _medians: dict[str, float] = {}
 
 
@@ -53,5 +57,8 @@ def test_our_loop(benchmark, precision, tmp_path, fresh_accelerator):
         "flops_per_step": flops, "achieved_tflops": flops / median / 1e12, "peak_tflops": peak / 1e12,
         "peak_fraction": flops / median / peak, "precision": precision,
     })
-    if "reference" in _medians:
-        benchmark.extra_info["ratio_to_reference"] = _medians["reference"] / median
+    if "reference" in _medians and median == median:  # both timed (NaN: --benchmark-disable)
+        ratio = _medians["reference"] / median
+        benchmark.extra_info["ratio_to_reference"] = ratio
+        if precision == "no":
+            assert ratio >= MIN_FP32_RATIO, f"fp32 step {ratio:.2f}x the reference loop's speed"

@@ -37,3 +37,44 @@ def tiny_config(tmp_path):
         return TrainConfig(**{**TINY, "out": str(tmp_path / "run"), **overrides}).validate()
 
     return make
+
+
+# A real, tiny `bench run`: one pair, finetune (ok) and scratch (failed by an injected NaN) on one
+# CPU process, plus a GPU setup (skipped on a CPU machine). Report, `bench show` and W&B tests check
+# their output on the records the harness really writes, not only on fakes.
+REAL_RUN_MATRIX = {
+    "name": "real",
+    "network": {"name": "dcgan", "size": 28, "width": 8},
+    "pairs": [{"source": "mnist5k:classes=0-4", "target": "mnist5k:classes=5-9:n=25"}],
+    "strategies": ["finetune", "scratch"],
+    "setups": ["cpu-1proc", "1xgpu-bf16"],
+    "seeds": [0],
+    "source_steps": 10,
+    "transfer_steps": 10,
+    "train": {"batch": 16, "log_every": 5, "warmup_steps": 2},
+    "metrics": {"num_samples": 100, "curve_samples": 50, "eval_every": 5},
+}
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory):
+    """(run directory, its records) of REAL_RUN_MATRIX, run once per session by `bench run`."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from bench.cell import FAULT_ENV
+    from bench.results import load_records
+
+    root = tmp_path_factory.mktemp("real-run")
+    matrix = root / "real.yaml"
+    matrix.write_text(yaml.safe_dump(REAL_RUN_MATRIX, sort_keys=False))
+    env = {**{k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}, "GANBENCH_CACHE": str(root / "cache"),
+           FAULT_ENV: "scratch-*=nan"}
+    proc = subprocess.run([sys.executable, "-m", "bench", "run", str(matrix), "--out", str(root / "run"),
+                           "--wandb", "disabled"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # the failed cell
+    records = load_records(root / "run")
+    assert sorted(r["status"] for r in records if r["setup"] == "cpu-1proc") == ["failed", "ok"]
+    return root / "run", records

@@ -1,25 +1,35 @@
 """A realistic fake bench run directory for reporting tests (no training, fully deterministic).
 
-`make_fake_run(dir)` writes `results.jsonl` (via bench.results.append_record, exact schema 1),
-`matrix.yaml` and per-cell PNG grids: 2 pairs x 4 strategies x 2 setups x 3 seeds, with one
-failed and one skipped cell. Pair 1 has a clear winner (freeze_d), pair 2 a near tie.
+`make_fake_run(dir)` writes `results.jsonl` (via bench.results.append_record), `matrix.yaml` and
+per-cell PNG grids: 2 pairs x 4 strategies x 2 setups x 3 seeds, with one failed and one skipped
+cell. Pair 1 has a clear winner (freeze_d), pair 2 a near tie. Only the measurements are made up:
+identity, config, environment and skipped/failed records come from the builders `bench run`
+uses (bench.cell, bench.env), so the fakes follow the real schema when it changes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import torch
+import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from bench.cell import LOG_FILE, cell_config, failed_record, identity, skipped_record
+from bench.env import environment
+from bench.matrix import Cell, Matrix, parse_matrix
 from bench.results import append_record
 
 RUN_ID = "20261127-213000-fake"
 MATRIX = "fake"
-PAIRS = [  # (source spec, source slug, target spec, target slug)
-    ("mnist5k:classes=0-4", "mnist5k-c0-4", "mnist5k:classes=5-9:n=25", "mnist5k-c5-9-n25"),
-    ("mnist5k:classes=0-4", "mnist5k-c0-4", "digits:n=100", "digits-n100"),
+PAIRS = [  # (source spec, target spec)
+    ("mnist5k:classes=0-4", "mnist5k:classes=5-9:n=25"),
+    ("mnist5k:classes=0-4", "digits:n=100"),
 ]
 STRATEGIES = ["finetune", "freeze_d", "ewc", "scratch"]
 SETUPS = {"cpu-1proc": 1, "cpu-2proc": 2}  # setup -> number of processes
@@ -38,25 +48,73 @@ FAILED_REASON = "RuntimeError: loss/D became NaN at step 140 (lr 0.002 too high?
 SKIPPED_CELL = ("scratch", 1, "cpu-2proc", 1)
 SKIPPED_REASON = "setup cpu-2proc needs 2 processes, 1 available"
 STEPS, LOG_EVERY, FID_EVERY = 200, 10, 50
+# The machine-specific environment values, fixed so that reports of the fake run are reproducible.
+FIXED_ENV = {"python": "3.11.7", "torch": "2.14.1", "accelerate": "1.10.0", "git_commit": "abc1234",
+             "hostname": "benchbox"}
+
+MATRIX_SPEC = {
+    "name": MATRIX,
+    "network": {"name": "dcgan", "size": 28, "width": 64},
+    "pairs": [{"source": s, "target": t} for s, t in PAIRS],
+    "strategies": ["finetune", {"name": "freeze_d", "options": {"layers": 2}}, "ewc", "scratch"],
+    "setups": list(SETUPS),
+    "seeds": list(SEEDS),
+    "source_steps": 400,
+    "transfer_steps": STEPS,
+    "train": {"batch": 32, "log_every": LOG_EVERY},
+    "metrics": {"extractor": "lenet-mnist5k", "num_samples": 1000, "eval_every": FID_EVERY},
+}
+
+
+@functools.lru_cache(maxsize=1)
+def fake_matrix() -> Matrix:
+    """The fake run's matrix, parsed and validated as `bench run` does."""
+    return parse_matrix(MATRIX_SPEC, "fake.yaml")
+
+
+def fake_cell(strategy: str, pair_index: int, setup: str, seed: int) -> Cell:
+    """A cell of the fake matrix; any seed (tests make records of seeds the matrix lacks)."""
+    matrix = fake_matrix()
+    cell = next(c for c in matrix.cells() if (c.strategy.id, c.pair, c.setup)
+                == (strategy, matrix.pairs[pair_index], setup))
+    return dataclasses.replace(cell, seed=seed)
 
 
 def pair_name(index: int) -> str:
-    """Display name of fake pair `index`, `{source slug}2{target slug}`."""
-    return f"{PAIRS[index][1]}2{PAIRS[index][3]}"
+    """The id `bench run` gives fake pair `index`."""
+    return fake_matrix().pairs[index].id
 
 
 def cell_id(strategy: str, pair_index: int, setup: str, seed: int) -> str:
-    """Cell id in the fixed `{strategy}-{source}2{target}-{setup}-s{seed}` form."""
-    return f"{strategy}-{pair_name(pair_index)}-{setup}-s{seed}"
+    """The id `bench run` gives a fake cell."""
+    return fake_cell(strategy, pair_index, setup, seed).id
+
+
+def fake_env(procs: int) -> dict:
+    """bench.env's environment block of a CPU process group of `procs` processes."""
+    group = SimpleNamespace(device=torch.device("cpu"), num_processes=procs, mixed_precision="no",
+                            distributed_type="DistributedType." + ("MULTI_CPU" if procs > 1 else "NO"))
+    env = environment(group)
+    assert FIXED_ENV.keys() <= env.keys(), "bench.env renamed a field the fakes fix"
+    return {**env, **FIXED_ENV}
 
 
 def fake_record(strategy="finetune", pair_index=0, setup="cpu-1proc", seed=0, *, status="ok",
                 reason=None, fid=None, rng=None) -> dict:
-    """One schema-1 record with plausible numbers; `fid` overrides the final FID."""
+    """One record as `bench run` writes it, with plausible numbers; `fid` overrides the final FID."""
     rng = rng or random.Random(f"{strategy}{pair_index}{setup}{seed}")
-    source, _, target, _ = PAIRS[pair_index]
+    matrix, cell = fake_matrix(), fake_cell(strategy, pair_index, setup, seed)
     procs = SETUPS[setup]
-    cid = cell_id(strategy, pair_index, setup, seed)
+    if status == "skipped":
+        record = skipped_record(matrix, cell, RUN_ID, reason)
+        record["env"].update(FIXED_ENV)
+        return record
+    if status == "failed":  # it ran for a while (as run_cell records it): wall time, no quality
+        record = failed_record(matrix, cell, RUN_ID, reason)
+        record.update(env=fake_env(procs), metrics={"timing/wall_s": 61.0},
+                      artifacts={"dir": f"cells/{cell.id}", "log": f"cells/{cell.id}/{LOG_FILE}"})
+        return record
+    cid = cell.id
     if fid is None:
         fid = FID_MEAN[pair_index][strategy] + rng.gauss(0, FID_STD[pair_index])
     trainable = 1_200_000 if strategy != "freeze_d" else 900_000
@@ -64,33 +122,11 @@ def fake_record(strategy="finetune", pair_index=0, setup="cpu-1proc", seed=0, *,
     img_per_s *= 1 + rng.gauss(0, 0.02)
     transfer_s = STEPS * 32 / img_per_s
     record = {
-        "schema": 1, "run_id": RUN_ID, "matrix": MATRIX, "cell_id": cid,
-        "strategy": strategy, "strategy_options": {"freeze_layers": 2} if strategy == "freeze_d"
-        else {},
-        "pair": pair_name(pair_index), "source": source, "target": target,
-        "network": "dcgan", "size": 28, "setup": setup, "seed": seed,
-        "status": status, "reason": reason,
-        "config": {
-            "net": {"name": "dcgan", "size": 28, "channels": 1, "latent_dim": 100, "width": 64},
-            "train": {"steps": STEPS, "batch_size": 32, "lr_g": 2e-4, "lr_d": 2e-4,
-                      "betas": [0.5, 0.999], "log_every": LOG_EVERY, "fid_every": FID_EVERY},
-            "strategy": {"name": strategy, "options": {}},
-            "data": {"source": source, "target": target},
-            "metrics": {"extractor": "lenet-mnist5k", "num_samples": 1000},
-        },
-        "metrics": {}, "curves": {"train": [], "fid": []},
-        "artifacts": {"samples": f"cells/{cid}/samples.png", "real": f"cells/{cid}/real.png",
-                      "dir": f"cells/{cid}"},
-        "env": {"python": "3.11.7", "torch": "2.14.1", "accelerate": "1.10.0", "cuda": None,
-                "devices": ["cpu"] * procs, "device_count": 1, "num_processes": procs,
-                "mixed_precision": "no", "git_commit": "abc1234", "hostname": "benchbox"},
+        **identity(matrix, cell, RUN_ID), "status": "ok", "reason": None, "config": cell_config(matrix, cell),
+        "env": fake_env(procs), "metrics": {}, "curves": {"train": [], "fid": []},
+        "artifacts": {"dir": f"cells/{cid}", "samples": f"cells/{cid}/samples.png",
+                      "real": f"cells/{cid}/real.png", "log": f"cells/{cid}/{LOG_FILE}"},
     }
-    if status != "ok":
-        record["artifacts"] = {"dir": f"cells/{cid}"}
-        if status == "failed":  # it ran for a while: timing but no quality
-            record["metrics"] = {"timing/source_pretrain_s": 40.0, "timing/wall_s": 61.0}
-            record["curves"]["train"] = _train_curve(rng, 140)
-        return record
     record["metrics"] = {
         "timing/img_per_s": img_per_s, "timing/step_time_p50_ms": 32e3 / img_per_s,
         "timing/step_time_p90_ms": 34e3 / img_per_s, "timing/source_pretrain_s": 40.0,
@@ -106,7 +142,7 @@ def fake_record(strategy="finetune", pair_index=0, setup="cpu-1proc", seed=0, *,
         "quality/kid_std": 0.002, "quality/precision": max(0.0, 0.9 - fid / 100),
         "quality/recall": max(0.0, 0.8 - fid / 90), "quality/extractor": "lenet-mnist5k",
         "quality/num_samples": 1000, "perf/flops_per_step": 1.2e9,
-        "perf/achieved_tflops": 1.2e9 * img_per_s / 32 / 1e12, "perf/peak_fraction": None,
+        "perf/achieved_tflops": 1.2e9 * img_per_s / 32 / 1e12, "perf/peak_tflops": 0.5,
     }
     share, memorised = TRANSFER[strategy]
     diversity = 1.0 - memorised + rng.gauss(0, 0.03)
@@ -123,6 +159,7 @@ def fake_record(strategy="finetune", pair_index=0, setup="cpu-1proc", seed=0, *,
     else:
         record["metrics"]["transfer/class_metrics_reason"] = NO_CLASS_REASON
     record["artifacts"]["nearest"] = f"cells/{cid}/nearest.png"
+    record["metrics"]["perf/peak_fraction"] = record["metrics"]["perf/achieved_tflops"] / 0.5
     record["curves"]["train"] = _train_curve(rng, STEPS)
     record["curves"]["fid"] = [
         {"step": s, "wall_s": transfer_s * s / STEPS,
@@ -160,10 +197,7 @@ def make_fake_run(run_dir: str | Path, *, images: bool = True) -> list[dict]:
     """Write a whole fake run into `run_dir` and return its records in file order."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "matrix.yaml").write_text(
-        f"name: {MATRIX}\nnetwork: dcgan\nsize: 28\nseeds: {list(SEEDS)}\n"
-        f"strategies: {STRATEGIES}\nsetups: {list(SETUPS)}\npairs:\n"
-        + "".join(f"  - {{source: '{s}', target: '{t}'}}\n" for s, _, t, _ in PAIRS))
+    (run_dir / "matrix.yaml").write_text(yaml.safe_dump(fake_matrix().raw, sort_keys=False))
     records = []
     for p in range(len(PAIRS)):
         for strategy in STRATEGIES:

@@ -105,7 +105,7 @@ def gone(pid: int) -> bool:
         return True
 
 
-# --- the main run: 1-process and 2-process setups, injected failures, a GPU setup skipped -------
+# --- the main run: 1-process and 2-process setups, injected failures, a GPU setup (skipped on CPU) -
 
 FAULTS = f"scratch-{PAIR}-cpu-1proc-s0=option;scratch-{PAIR}-cpu-2proc-s0=nan"
 
@@ -137,7 +137,13 @@ REQUIRED_METRICS = (
     "quality/extractor", "quality/num_samples",
     "transfer/target_class_share", "transfer/class_coverage", "transfer/memorised_share", "transfer/nn_dist_ratio",
     "transfer/diversity", "transfer/diversity_space", "transfer/diversity_clusters",
+    "perf/flops_per_step", "perf/achieved_tflops", "perf/peak_tflops", "perf/peak_fraction",
 )
+# The 1xgpu-bf16 cells run where a GPU is, and are skipped elsewhere: expectations follow this machine.
+GPUS = torch.cuda.device_count()
+GPU_CELLS = 3  # one per strategy of the tiny matrix
+
+
 REQUIRED_ENV = ("python", "torch", "accelerate", "cuda", "devices", "device_count", "num_processes",
                 "mixed_precision", "git_commit", "hostname")
 
@@ -146,7 +152,8 @@ REQUIRED_ENV = ("python", "torch", "accelerate", "cuda", "devices", "device_coun
 def test_run_exit_code_says_cells_failed(main_run):
     proc, run_dir, matrix = main_run
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "[bench] 4 ok, 2 failed, 3 skipped" in proc.stdout
+    expected = "[bench] 7 ok, 2 failed, 0 skipped" if GPUS else "[bench] 4 ok, 2 failed, 3 skipped"
+    assert expected in proc.stdout
 
 
 @pytest.mark.slow
@@ -186,6 +193,11 @@ def test_ok_record_carries_every_field(main_run, strategy, setup, procs):
     assert m["resources/peak_mem_gb"] == max(m["resources/peak_mem_gb_per_process"]) > 0
     assert m["resources/mem_kind"] == "cpu_peak_rss" and m["resources/optimizer_state_bytes"] > 0
     assert m["params/trainable"] > 0
+    # model FLOPs: per process, so the same in both setups; utilisation below this machine's matmul peak
+    other = by_id(run_dir)[_id(strategy, "cpu-2proc" if procs == 1 else "cpu-1proc")]["metrics"]
+    assert m["perf/flops_per_step"] == other["perf/flops_per_step"] > 0
+    assert 0 < m["perf/achieved_tflops"] < m["perf/peak_tflops"]
+    assert m["perf/peak_fraction"] == pytest.approx(m["perf/achieved_tflops"] / m["perf/peak_tflops"])
     assert m["quality/fid"] > 0 and m["quality/kid_std"] >= 0 and 0 <= m["quality/precision"] <= 1
     assert 0 <= m["quality/recall"] <= 1
     assert (m["quality/extractor"], m["quality/num_samples"]) == ("lenet-mnist5k", 100)
@@ -205,6 +217,31 @@ def test_ok_record_carries_every_field(main_run, strategy, setup, procs):
     assert not [k for k in REQUIRED_ENV if k not in env]
     assert env["num_processes"] == env["device_count"] == len(env["devices"]) == procs
     assert env["torch"] == torch.__version__ and env["mixed_precision"] == "no"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["finetune", "freeze_d"])
+def test_recorded_fid_is_the_fid_of_the_saved_generator(main_run, strategy, tmp_path):
+    # recomputed here, in one process, from the cell's written weights and the matrix's metric settings
+    from bench.cell import EVAL_SEED
+    from ganlib import checkpoint as ckpt
+    from ganlib.data import load_images
+    from ganlib.metrics import MetricConfig, evaluate_generator
+    from ganlib.nets import NetConfig, build_networks
+
+    _, run_dir, matrix = main_run
+    r = by_id(run_dir)[_id(strategy, "cpu-1proc")]
+    cell = next(c for c in matrix.cells() if c.id == r["cell_id"])
+    t = r["config"]["transfer"]
+    G, _ = build_networks(NetConfig(t["net"], t["size"], t["channels"] or 1, t["latent_dim"], t["width"]))
+    ckpt.load_weights(run_dir / r["artifacts"]["dir"] / "generator.safetensors", G)
+    m = matrix.metrics
+    cfg = MetricConfig(extractor=m.extractor, num_samples=m.num_samples, precision_recall=m.precision_recall,
+                       inception_weights=m.inception_weights, cache_dir=str(tmp_path))
+    real = load_images(cell.pair.eval_target, t["size"], t["channels"] or 1).images
+    direct = evaluate_generator(make_accelerator("no"), G, real, "recomputed", cfg, seed=EVAL_SEED)
+    assert r["metrics"]["quality/fid"] == pytest.approx(direct["quality/fid"], rel=1e-6)
+    assert r["metrics"]["quality/kid_mean"] == pytest.approx(direct["quality/kid_mean"], rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.slow
@@ -252,11 +289,15 @@ def test_injected_failure_is_a_failed_cell_and_the_matrix_goes_on(main_run, setu
 
 
 @pytest.mark.slow
-def test_gpu_setup_on_this_cpu_machine_is_skipped_with_the_reason(main_run):
+def test_gpu_setup_runs_where_a_gpu_is_and_is_skipped_with_the_reason_elsewhere(main_run):
     _, run_dir, matrix = main_run
-    skipped = [r for r in records_of(run_dir) if r["setup"] == "1xgpu-bf16"]
-    assert len(skipped) == 3
-    for r in skipped:
+    gpu_cells = [r for r in records_of(run_dir) if r["setup"] == "1xgpu-bf16"]
+    assert len(gpu_cells) == GPU_CELLS
+    if GPUS:
+        assert all(r["status"] == "ok" and r["env"]["mixed_precision"] == "bf16" for r in gpu_cells)
+        assert (run_dir / "launch" / "1xgpu-bf16.yaml").exists()
+        return
+    for r in gpu_cells:
         assert r["status"] == "skipped" and r["reason"] == "needs 1 GPU(s), 0 present"
         assert r["env"]["git_commit"] == by_id(run_dir)[_id("finetune", "cpu-1proc")]["env"]["git_commit"]
         assert not (run_dir / "cells" / r["cell_id"]).exists()
@@ -368,12 +409,12 @@ def test_launch_that_keeps_dying_gives_up_after_one_relaunch(tmp_path, monkeypat
     matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["finetune"], setups=["cpu-1proc", "1xgpu-bf16"]))
     code = run_module.run_matrix(str(matrix_file), out=tmp_path / "run", wandb_mode="disabled")
     assert code == 1
-    assert launches == ["cpu-1proc", "cpu-1proc"]
+    assert launches == ["cpu-1proc", "cpu-1proc"] + ["1xgpu-bf16", "1xgpu-bf16"] * bool(GPUS)
     recs = by_id(tmp_path / "run")
     died = recs[_id("finetune", "cpu-1proc")]
     assert died["status"] == "failed" and "launch died 2 times (last exit code 137)" in died["reason"]
     assert "launch/cpu-1proc.log" in died["reason"] and died["env"]["python"]
-    assert recs[_id("finetune", "1xgpu-bf16")]["status"] == "skipped"
+    assert recs[_id("finetune", "1xgpu-bf16")]["status"] == ("failed" if GPUS else "skipped")
 
 
 @pytest.fixture

@@ -156,17 +156,23 @@ def test_no_checkpoint_is_none(tmp_path):
     assert ckpt.find_checkpoint(tmp_path / "checkpoint") is None
 
 
-@pytest.mark.parametrize("victim", ["meta.json", "optim.pt", "rng-rank0.safetensors"])
+# each part of a checkpoint, and the loader that reads it
+PARTS = {"meta.json": lambda d, G: ckpt.read_meta(d),
+         "optim.pt": lambda d, G: ckpt.load_optimizers(d, {"G": torch.optim.Adam(G.parameters())}),
+         "rng-rank0.safetensors": lambda d, G: ckpt.load_rng(d, 0)}
+
+
+@pytest.mark.parametrize("victim", sorted(PARTS))
 def test_corrupt_checkpoint_parts_are_user_errors(tmp_path, victim):
     G, D = _nets()
     opt = _optimizer(G)
     ckpt_dir = tmp_path / "checkpoint"
     _write_checkpoint(ckpt_dir, 3, G, D, opt)
+    for load in PARTS.values():
+        load(ckpt_dir, G)  # every part reads back while intact
     (ckpt_dir / victim).write_bytes(b"{ not what it should be")
     with pytest.raises(UserError, match="corrupt|unreadable"):
-        ckpt.read_meta(ckpt_dir)
-        ckpt.load_optimizers(ckpt_dir, {"G": torch.optim.Adam(G.parameters())})
-        ckpt.load_rng(ckpt_dir, 0)
+        PARTS[victim](ckpt_dir, G)
 
 
 def test_missing_rank_and_mismatched_optimizer_are_user_errors(tmp_path):

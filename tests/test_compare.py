@@ -11,9 +11,10 @@ import pytest
 from bench.compare import FID, MEMORY, THROUGHPUT, compare_runs, format_comparison, main_compare
 
 TARGET_SHARE, MEMORISED = "transfer/target_class_share", "transfer/memorised_share"
+from fakes import fake_env, fake_record, pair_name
 from ganlib.errors import UserError
 
-PAIR = "mnist5k-c0-4-2mnist5k-c5-9-n25"
+PAIR = pair_name(0)
 # cell (without seed) -> (img/s, peak mem GB, FID) around which seeds scatter
 CELLS = {
     f"finetune-{PAIR}-cpu-1proc": (812.0, 1.20, 40.0),
@@ -23,21 +24,16 @@ CELLS = {
 SEEDS = (0, 1, 2)
 
 
-def _record(cell, seed, metrics, status="ok", reason=None, devices=("cpu",), torch="2.14.1"):
-    """One results.jsonl record following the common schema (only the fields compare cares about
-    are realistic; the rest are present so the record looks like what `bench run` writes)."""
-    strategy = cell.split("-", 1)[0]
-    return {
-        "schema": 1, "run_id": "20261127-213000-default", "matrix": "default",
-        "cell_id": f"{cell}-s{seed}", "strategy": strategy, "strategy_options": {},
-        "pair": PAIR, "source": "mnist5k:classes=0-4", "target": "mnist5k:classes=5-9:n=25",
-        "network": "dcgan", "size": 28, "setup": cell.rsplit("-", 2)[-2] + "-" + cell.rsplit("-", 1)[-1],
-        "seed": seed, "status": status, "reason": reason, "config": {"seed": seed},
-        "metrics": metrics, "curves": {"train": [], "fid": []},
-        "artifacts": {"dir": f"cells/{cell}-s{seed}"},
-        "env": {"python": "3.11.7", "torch": torch, "cuda": None, "devices": list(devices),
-                "device_count": len(devices), "num_processes": 1, "git_commit": "abc123"},
-    }
+def _record(cell, seed, metrics, status="ok", reason=None, devices=None, torch="2.14.1"):
+    """One record as `bench run` writes it (tests/fakes.py builds it with bench.cell's builders),
+    carrying these metrics; devices/torch replace the environment's."""
+    strategy, setup = cell.split("-", 1)[0], "-".join(cell.rsplit("-", 2)[1:])
+    rec = fake_record(strategy, 0, setup, seed, status=status, reason=reason)
+    rec["metrics"] = metrics
+    rec["env"]["torch"] = torch
+    if devices is not None:
+        rec["env"]["devices"] = list(devices)
+    return rec
 
 
 def _metrics(img_per_s, mem_gb, fid):
@@ -227,7 +223,7 @@ def test_device_mismatch_refused_unless_allowed(tmp_path, capsys):
 
 def test_device_count_or_torch_difference_only_warns(tmp_path):
     base = write_run(tmp_path / "base")
-    new = write_run(tmp_path / "new", devices=("cpu", "cpu"), torch="2.14.2")
+    new = write_run(tmp_path / "new", devices=fake_env(1)["devices"] * 3, torch="2.14.2")  # same kind, more
     cmp = compare_runs(base, new)
     assert not cmp.regressed
     assert any(w.startswith("env.torch differs: baseline 2.14.1, new 2.14.2") for w in cmp.warnings)

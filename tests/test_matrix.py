@@ -261,8 +261,14 @@ def test_check_data_refuses_a_folder_target_too_small_to_score(tmp_path):
         check_data(matrix)
 
 
-def test_check_data_accepts_the_tiny_matrix():
+def test_check_data_accepts_data_the_dataset_has():
     check_data(parse_matrix(_tiny(), "m.yaml"))
+    # the edge: every one of the 2,500 digits 5-9 (one more is refused, above and below)
+    edge = _tiny(pairs=[{"source": "mnist5k:classes=0-4", "target": "mnist5k:classes=5-9:n=2500"}])
+    check_data(parse_matrix(edge, "m.yaml"))
+    edge["pairs"][0]["target"] = "mnist5k:classes=5-9:n=2501"
+    with pytest.raises(UserError, match="n=2501"):
+        check_data(parse_matrix(edge, "m.yaml"))
 
 
 # --- --only -----------------------------------------------------------------------------------

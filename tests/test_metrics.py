@@ -10,13 +10,13 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 import torch_fidelity
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 from ganlib.data import load_images
@@ -312,6 +312,19 @@ class TinyG(nn.Module):
         return x * float("nan") if self.poison else x
 
 
+class LinearG(nn.Module):
+    """z [N, 8] -> images [N, 1, 28, 28]; no dropout or batch statistics, so any split of the latents
+    gives the same images."""
+
+    def __init__(self):
+        super().__init__()
+        self.latent_dim = 8
+        self.fc = nn.Linear(8, 28 * 28)
+
+    def forward(self, z):
+        return torch.tanh(self.fc(z)).view(-1, 1, 28, 28)
+
+
 @pytest.fixture
 def accelerator():
     """A one-process Accelerator on whatever device this machine has (conftest resets its state)."""
@@ -352,44 +365,43 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_process_gloo_gathers_exactly_n_and_agrees(tmp_path):
+def test_two_process_gloo_gathers_exactly_n_and_agrees(tmp_path, accelerator):
     script = tmp_path / "eval2.py"
     script.write_text(textwrap.dedent(f"""
         import json, os
-        import torch, torch.nn as nn
+        import torch
         from accelerate import Accelerator
+        from safetensors.torch import save_file
         from ganlib.data import load_images
-        from ganlib.distributed import shutdown
+        from ganlib.distributed import shutdown, unwrap
         from ganlib.metrics import MetricConfig, evaluate_generator
-
-        class G(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.latent_dim = 8
-                self.fc = nn.Linear(8, 28 * 28)
-            def forward(self, z):
-                return torch.tanh(self.fc(z)).view(-1, 1, 28, 28)
+        from test_metrics import LinearG
 
         accelerator = Accelerator()
+        rank = accelerator.process_index
         torch.manual_seed(0)                       # same weights on both processes
-        model = accelerator.prepare(G())           # DDP-wrapped: evaluate_generator must unwrap it
+        model = accelerator.prepare(LinearG())     # DDP-wrapped: evaluate_generator must unwrap it
         real = load_images("mnist5k", 28, 1).images[:2000]
         cfg = MetricConfig(num_samples=301, precision_recall=True, cache_dir={str(tmp_path)!r})
+        seen = []                                  # the latents this process evaluated
         out = evaluate_generator(accelerator, model, real, "mnist5k-first2000", cfg, seed=7, batch_size=64,
+                                 transform_z=lambda z: seen.append(z.cpu()) or z,
                                  extra=lambda fake: {{"extra/n": fake.shape[0], "extra/sum": int(fake.long().sum()),
                                                      "extra/rank": accelerator.process_index}})
-        with open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.json"), "w") as f:
+        with open(os.path.join({str(tmp_path)!r}, f"rank{{rank}}.json"), "w") as f:
             json.dump(out, f)                      # one file per rank: stdout lines would interleave
+        save_file({{"z": torch.cat(seen)}}, os.path.join({str(tmp_path)!r}, f"rank{{rank}}-z.safetensors"))
+        if rank == 0:
+            save_file(unwrap(accelerator, model).state_dict(), os.path.join({str(tmp_path)!r}, "G.safetensors"))
         shutdown(accelerator)
     """))
     accelerate = Path(sys.executable).with_name("accelerate")
     if not accelerate.exists():
         accelerate = shutil.which("accelerate")
-    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     # CPU processes on gloo; GPUs hidden, else accelerate's barrier asks for cuda:<rank> on a 1-GPU box.
     env = dict(os.environ, ACCELERATE_USE_CPU="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=pythonpath,
                OMP_NUM_THREADS="1")
-    start = time.perf_counter()
     proc = subprocess.run(
         [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
@@ -402,4 +414,27 @@ def test_two_process_gloo_gathers_exactly_n_and_agrees(tmp_path):
     assert results[0] == results[1]                                       # the same dict everywhere
     assert (results[0]["extra/n"], results[0]["extra/rank"]) == (301, 0)  # extra: main process, all samples
     assert math.isfinite(results[0]["quality/fid"])
-    assert time.perf_counter() - start < 300
+
+    # each process evaluated its own share of latents: none is a duplicate of the other's
+    z0, z1 = (load_file(str(tmp_path / f"rank{rank}-z.safetensors"))["z"] for rank in (0, 1))
+    assert (len(z0), len(z1)) == (151, 150)
+    assert not (z0[:, None] == z1[None]).all(-1).any()
+    # and the gathered result is the one process scoring those same 301 latents itself
+    G = LinearG()
+    G.load_state_dict(load_file(str(tmp_path / "G.safetensors")))
+    latents, used = torch.cat([z0, z1]), [0]
+
+    def replay(z):
+        start, used[0] = used[0], used[0] + len(z)
+        return latents[start:used[0]]
+
+    cfg = MetricConfig(num_samples=301, precision_recall=True, cache_dir=str(tmp_path))
+    one = evaluate_generator(accelerator, G, load_images("mnist5k", 28, 1).images[:2000], "mnist5k-first2000",
+                             cfg, seed=7, batch_size=64, transform_z=replay)
+    assert used[0] == 301
+    assert one.pop("quality/real_cached") is True  # the real features the two processes cached
+    assert one.keys() == results[0].keys() - {"quality/real_cached", "extra/n", "extra/sum", "extra/rank"}
+    for key, value in one.items():
+        if key.endswith("_s"):  # seconds, not scores
+            continue
+        assert results[0][key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import html
 import re
+import shutil
 
 import pytest
 
@@ -210,3 +212,28 @@ def test_torn_last_line_is_warned_about_in_show_and_report(tmp_path, capsys):
         show_main([str(run_dir)])
     with pytest.warns(UserWarning, match="torn last line"):
         write_report(run_dir)
+
+
+@pytest.mark.slow
+def test_report_and_show_of_a_real_run(real_run, tmp_path):
+    run_dir, records = real_run
+    copy = tmp_path / "run"  # the report writes plots into the run directory: leave the session's as it was
+    shutil.copytree(run_dir, copy)
+    text = write_report(copy).read_text(encoding="utf-8")
+    [pair] = {r["pair"] for r in records}
+    ids = set(re.findall(r'id="([^"]+)"', text))
+    assert {"overview", "environment", "verdicts", "failed-skipped"} <= ids
+    assert {f"pair-{slug(pair)}{part}" for part in ("", "-table", "-fid", "-curves", "-samples")} <= ids
+    ok = [r for r in records if r["status"] == "ok"]
+    assert ok and all(f'{r["metrics"]["quality/fid"]:.2f}' in text for r in ok)
+    assert all(r["env"]["torch"] in text for r in ok)
+    not_ok = [r for r in records if r["status"] != "ok"]
+    assert not_ok and all(r["cell_id"] in text and html.escape(r["reason"]) in text for r in not_ok)
+
+    lines = format_table(records, per_cell=True).splitlines()
+    for r in records:
+        pattern = rf"{r['strategy']}\s+{r['setup']}\s+{r['seed']}\s+{r['status']}\b"
+        assert any(re.match(pattern, line) for line in lines), r["cell_id"]
+    out = format_table(records)
+    assert any(line.startswith(f"== {pair}") for line in out.splitlines())
+    assert all(f"{r['status']}: {r['cell_id']}: {r['reason']}" in out for r in not_ok)

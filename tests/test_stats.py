@@ -23,6 +23,17 @@ def test_clear_win_with_three_seeds_is_significant():
     assert "\n" not in v.text
 
 
+def test_p_value_is_welchs_not_students():
+    # unequal variances and seed counts, where Welch's and Student's p-values differ by a quarter
+    from scipy.stats import ttest_ind
+
+    tight, wide = [10.0, 10.1, 9.9, 10.05], [11.0, 14.0, 8.0, 13.5, 12.5, 9.0]
+    welch = ttest_ind(tight, wide, equal_var=False).pvalue
+    assert abs(ttest_ind(tight, wide).pvalue - welch) > 0.25 * welch  # the two tests really disagree here
+    v = compare("p", "s", {"a": stat_of(tight), "b": stat_of(wide)})
+    assert v.p_value == pytest.approx(welch, rel=1e-9)
+
+
 def test_overlapping_spreads_are_not_significant():
     v = compare("p", "s", {"a": stat_of([20.0, 24.0, 18.0]), "b": stat_of([21.0, 19.0, 25.0])})
     assert v.best == "a" and v.spreads_overlap is True

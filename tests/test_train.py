@@ -349,12 +349,15 @@ def test_kill_and_resume_with_an_extra_module_minegan(tmp_path):
 # --- two processes (DDP over gloo on CPU) -------------------------------------------------------------
 
 RANK_SCRIPT = '''
-"""Train like `python -m ganlib.train`, then each rank saves its own final state dicts and metrics."""
+"""Train like `python -m ganlib.train`, then each rank saves its own final state dicts, metrics and
+fingerprints of the batches and latents it drew."""
 import json, sys, time
 from pathlib import Path
 from safetensors.torch import save_file
 from ganlib.config import ArgumentParser, add_arguments, from_arguments
+from ganlib.data import DeviceBatcher
 from ganlib.distributed import make_accelerator, shutdown, unwrap
+from ganlib.strategies.base import Strategy
 from ganlib.train import train
 
 parser = ArgumentParser()
@@ -370,6 +373,22 @@ def spy_prepare(*objs):  # train() prepares once: G, D, extras, optimisers
     return result
 
 acc.prepare = spy_prepare
+
+# What this rank trains on: a fingerprint of every real batch and every training latent batch.
+draws = {"data": [], "latent": []}
+real_next, real_map_latent = DeviceBatcher.next, Strategy.map_latent
+
+def spy_next(self, batch_size):
+    batch = real_next(self, batch_size)
+    draws["data"].append(batch.double().flatten(1).sum(1).tolist())
+    return batch
+
+def spy_map_latent(self, z, step):
+    if step is not None:  # training latents (evaluation and sample grids use fixed ones)
+        draws["latent"].append(z.double().sum(1).tolist())
+    return real_map_latent(self, z, step)
+
+DeviceBatcher.next, Strategy.map_latent = spy_next, spy_map_latent
 start = time.perf_counter()
 result = train(cfg, acc)
 wall = time.perf_counter() - start
@@ -377,6 +396,7 @@ rank = acc.process_index
 for module, name in zip(prepared[:2], ["generator", "discriminator"]):
     state = {k: v.detach().contiguous().cpu() for k, v in unwrap(acc, module).state_dict().items()}
     save_file(state, str(Path(cfg.out) / f"rank{rank}-{name}.safetensors"))
+(Path(cfg.out) / f"rank{rank}-draws.json").write_text(json.dumps(draws))
 (Path(cfg.out) / f"rank{rank}-metrics.json").write_text(json.dumps({**result.metrics, "test/wall_s": wall}))
 shutdown(acc)
 '''
@@ -418,6 +438,13 @@ def test_two_processes_end_with_identical_weights_and_count_both(tmp_path):
     walls = [m0.pop("test/wall_s"), m1.pop("test/wall_s")]  # each rank's own clock around train()
     assert m0 == m1 == json.loads((out / "metrics.json").read_text())
     assert m0["env/num_processes"] == 2 and len(m0["resources/peak_mem_gb_per_process"]) == 2
+    # each process trains on its own real batches and latents: else the summed count below is one
+    # process's work counted twice
+    d0 = json.loads((out / "rank0-draws.json").read_text())
+    d1 = json.loads((out / "rank1-draws.json").read_text())
+    for kind in ("data", "latent"):
+        assert len(d0[kind]) == len(d1[kind]) == steps, kind
+        assert all(a != b for a, b in zip(d0[kind], d1[kind])), kind
     assert m0["timing/timed_steps"] == steps - 1
     # both processes' images count: steps x batch x 2 over the slowest process's timed seconds
     assert m0["timing/img_per_s"] * m0["timing/timed_s"] == pytest.approx((steps - 1) * batch * 2)
@@ -441,13 +468,25 @@ def test_two_process_cli_exits_cleanly(tmp_path):
 
 
 
-@pytest.mark.slow
-def test_compiled_run_writes_weights_a_transfer_can_load(tmp_path):
-    # the eager dynamo backend wraps the networks exactly as inductor does, without minutes of compiling
+def test_compiled_run_writes_weights_a_transfer_can_load(tmp_path, monkeypatch, capsys):
+    # A launch config's dynamo backend (as `accelerate launch --dynamo_backend` exports it) reaches
+    # `prepare`: dynamo traces the networks. The eager backend wraps and traces them exactly as
+    # inductor does, without minutes of compiling.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "EAGER")
+    monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # compiling sets it; restored after
     out = tmp_path / "out"
-    env = {**os.environ, "ACCELERATE_DYNAMO_BACKEND": "EAGER"}
-    proc = cli([*TINY_ARGS, "--steps", "2", "--out", str(out)], env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        code, err = run_main([*TINY_ARGS, "--steps", "2", "--out", str(out)], capsys)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert code == 0, err[-20:]
+    assert graphs >= 2  # G and D at least
     G, D = build_networks(NetConfig("dcgan", 28, 1, 100, 8))
     ckpt.load_weights(out / "generator.safetensors", G)  # no `_orig_mod.` prefix on the names
     ckpt.load_weights(out / "discriminator.safetensors", D)
@@ -456,6 +495,22 @@ def test_compiled_run_writes_weights_a_transfer_can_load(tmp_path):
 
 def test_compile_flag_asks_accelerate_for_inductor():
     assert make_accelerator("no", compile=True).state.dynamo_plugin.backend == "INDUCTOR"
+
+
+def test_compile_option_compiles_the_networks(tiny_config, tmp_path, monkeypatch):
+    # torch.compile is lazy: building the trainer wraps the networks, the first step would compile
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from ganlib.train import Trainer
+
+    monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    trainer = Trainer(tiny_config(compile=True))
+    assert trainer.accelerator.state.dynamo_plugin.backend == "INDUCTOR"
+    assert isinstance(trainer.G, OptimizedModule) and isinstance(trainer.D, OptimizedModule)
+    AcceleratorState._reset_state(True)
+    plain = Trainer(tiny_config())
+    assert not isinstance(plain.G, OptimizedModule) and not isinstance(plain.D, OptimizedModule)
 
 
 def test_compiling_keeps_kernels_in_the_ganbench_cache_unless_told_otherwise(tmp_path, monkeypatch):
@@ -491,7 +546,34 @@ def test_memory_format_auto_is_channels_last_on_cpu(memory_format, nhwc, tmp_pat
     trainer = Trainer(cfg, make_accelerator("no"))
     conv_weights = [p for m in (trainer.G, trainer.D) for p in m.parameters() if p.dim() == 4 and p.shape[1] > 1]
     assert conv_weights and all(p.is_contiguous(memory_format=torch.channels_last) == nhwc for p in conv_weights)
-    trainer.step(0)  # and a step runs in that format
+    before = [p.detach().clone() for p in conv_weights]
+    logs = trainer.step(0)  # and a step trains in that format, and keeps it
+    assert {"loss/D", "loss/G"} <= logs.keys() and all(torch.isfinite(v) for v in logs.values())
+    assert all(not torch.equal(p, b) for p, b in zip(conv_weights, before))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) == nhwc for p in conv_weights)
+
+
+# --- model FLOPs (perf/*) ----------------------------------------------------------------------------
+
+
+def test_flops_per_step_is_the_hand_count_of_an_mlp_step(tiny_config):
+    # One scratch step of the MLP pair, counted by hand in multiply-accumulates per sample (x2 for
+    # FLOPs): G and D are Linear layers only (BatchNorm and activations are not counted).
+    cfg = tiny_config(net="mlp", width=8, size=28, steps=2, warmup_steps=1, log_every=1)
+    latent, hidden, pixels = cfg.latent_dim, 4 * cfg.width, cfg.size * cfg.size
+    g = latent * hidden + 2 * hidden * hidden + hidden * pixels  # one G forward
+    d = pixels * hidden + 2 * hidden * hidden + hidden           # one D forward
+    macs = (g                      # G forward, once: D scores its images detached, G back-propagates them
+            + 2 * d                # D forward on real and fake
+            + 2 * d                # D phase backward: weight gradients of both forwards ...
+            + 2 * (d - pixels * hidden)  # ... and input gradients, but not into the images
+            + d + d                # G phase: D forward on fake, back through D (input gradients only: D frozen)
+            + g + (g - latent * hidden))  # G's weight gradients, and input gradients but not into z
+    metrics = train(cfg).metrics
+    assert metrics["perf/flops_per_step"] == 2 * macs * cfg.batch
+    timed_s = metrics["timing/timed_s"]
+    assert metrics["perf/achieved_tflops"] == pytest.approx(
+        metrics["perf/flops_per_step"] * metrics["timing/timed_steps"] / timed_s / 1e12)
 
 
 # --- the output directory: never overwritten silently, checked before any compute ---------------

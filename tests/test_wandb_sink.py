@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import glob
 import json
+import shutil
 import socket
 import struct
 import time
@@ -143,22 +144,9 @@ def _contains(root: Path, needle: bytes) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and needle in p.read_bytes()]
 
 
-def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
-    run_dir, records = fake_run
-    cells = _pick(records)
-    cells[0] = {**cells[0], "config": {**cells[0]["config"],
-                                       "wandb": {"api_key": SECRET, "entity": "me"}}}
-    sink = WandbSink(mode="auto", dir=run_dir)  # auto + WANDB_MODE=offline
-    assert sink.mode == "offline"
-    for r in cells:
-        assert sink.log_cell(r, run_dir / r["artifacts"].get("samples", "none.png"))
-    plots = sorted(Path(p) for p in glob.glob(str(run_dir / "cells" / "*" / "real.png")))[:2]
-    assert sink.log_summary(records[0]["run_id"], records, plots)
-    assert sink.enabled and sink.warning is None
-
-    runs = offline_runs(run_dir)
-    assert set(runs) == {r["cell_id"] for r in cells} | {f"{records[0]['run_id']}-summary"}
-    for r in cells:
+def assert_runs_match(runs: dict[str, dict], records: list[dict]) -> None:
+    """Each record's W&B run holds its identity, scrubbed config, curves as history, metrics as summary."""
+    for r in records:
         run = runs[r["cell_id"]]
         assert (run["group"], run["job_type"]) == (r["run_id"], r["strategy"])
         assert run["tags"] == [r["pair"], r["setup"], r["network"]]
@@ -169,12 +157,12 @@ def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
             == expected_config
         # history: one row per step with the training values, FID curve merged in
         rows = {row["_step"]: row for row in run["history"]}
-        for train_row in r["curves"]["train"]:
+        for train_row in r["curves"].get("train", []):
             got = rows[train_row["step"]]
             for key, value in train_row.items():
                 if key != "step":
                     assert got[key] == pytest.approx(value)
-        for fid_row in r["curves"]["fid"]:
+        for fid_row in r["curves"].get("fid", []):
             assert rows[fid_row["step"]]["curve/fid"] == pytest.approx(fid_row["fid"])
         # summary: the record's final metrics win over the last history row (transfer/* included)
         for key, value in r["metrics"].items():
@@ -190,6 +178,24 @@ def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
         if r["status"] == "ok":
             assert run["summary"]["samples/_type"] == "image-file"
             assert (run["dir"] / "files" / run["summary"]["samples/path"]).is_file()
+
+
+def test_offline_runs_match_results_jsonl(fake_run, wandb_env, capsys):
+    run_dir, records = fake_run
+    cells = _pick(records)
+    cells[0] = {**cells[0], "config": {**cells[0]["config"],
+                                       "wandb": {"api_key": SECRET, "entity": "me"}}}
+    sink = WandbSink(mode="auto", dir=run_dir)  # auto + WANDB_MODE=offline
+    assert sink.mode == "offline"
+    for r in cells:
+        assert sink.log_cell(r, run_dir / r["artifacts"].get("samples", "none.png"))
+    plots = sorted(Path(p) for p in glob.glob(str(run_dir / "cells" / "*" / "real.png")))[:2]
+    assert sink.log_summary(records[0]["run_id"], records, plots)
+    assert sink.enabled and sink.warning is None
+
+    runs = offline_runs(run_dir)
+    assert set(runs) == {r["cell_id"] for r in cells} | {f"{records[0]['run_id']}-summary"}
+    assert_runs_match(runs, cells)
     assert runs[cells[0]["cell_id"]]["config"]["wandb"] == {"api_key": REDACTED, "entity": "me"}
     assert any("transfer/memorised_share" in runs[r["cell_id"]]["summary"] for r in cells)
 
@@ -258,10 +264,16 @@ def test_unreachable_server_disables_within_timeout(fake_run, wandb_env, monkeyp
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    timeouts, real_init = [], wandb.init
+
+    def spy_init(*args, **kwargs):  # the real init, against the dead port; wandb enforces the timeout
+        timeouts.append(kwargs["settings"].init_timeout)
+        return real_init(*args, **kwargs)
+
+    monkeypatch.setattr(wandb, "init", spy_init)
     sink = WandbSink(mode="online", dir=run_dir, init_timeout_s=3)
-    start = time.monotonic()
     assert sink.log_cell(records[0], None) is False
-    assert time.monotonic() - start < 30
+    assert timeouts == [3]  # our timeout, not wandb's default (90 s) nor INIT_TIMEOUT_S
     assert not sink.enabled and capsys.readouterr().err.startswith("warning: W&B logging")
     assert load_records(run_dir) == records
     assert _contains(run_dir, SECRET.encode()) == []
@@ -317,5 +329,30 @@ def test_scrub_redacts_nested_secret_keys():
               "hooks": [{"password": "p", "x": 1}], "monkey_patch": True}
     assert scrub(config) == {"lr": 0.1, "API_KEY": REDACTED,
                              "auth": {"Token": REDACTED, "user": "u"},
-                             "hooks": [{"password": REDACTED, "x": 1}], "monkey_patch": REDACTED}
+                             "hooks": [{"password": REDACTED, "x": 1}], "monkey_patch": True}
     assert config["API_KEY"] == "k"  # the caller's dict is untouched
+
+
+@pytest.mark.parametrize("name", ["key", "apikey", "apiKey", "wandb-api-key", "accessToken", "hf_token",
+                                  "client_secret", "db.password", "passwd", "aws_credentials", "ssh_keys"])
+def test_credential_names_are_redacted(name):
+    assert scrub({name: "s"}) == {name: REDACTED}
+
+
+@pytest.mark.parametrize("name", ["monkey_patch", "tokenizer", "keypoints", "donkey", "passthrough", "secretary"])
+def test_names_that_only_contain_a_credential_word_are_kept(name):
+    assert scrub({name: 1}) == {name: 1}
+
+
+@pytest.mark.slow
+def test_offline_runs_match_the_records_of_a_real_run(real_run, wandb_env, tmp_path):
+    run_dir, records = real_run
+    copy = tmp_path / "run"  # the sink writes under the run directory: leave the session's run as it was
+    shutil.copytree(run_dir, copy)
+    sink = WandbSink(mode="offline", dir=copy)
+    for r in records:
+        assert sink.log_cell(r, copy / r["artifacts"]["samples"] if "samples" in r["artifacts"] else None)
+    assert sink.enabled and sink.warning is None
+    runs = offline_runs(copy)
+    assert set(runs) == {r["cell_id"] for r in records}
+    assert_runs_match(runs, records)
