@@ -27,11 +27,10 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.results import Stat, latest_per_cell, load_records, stat_of
+from bench.results import CONCURRENCY, Stat, latest_per_cell, load_records, stat_of
 from ganlib.errors import UserError, exit_on_user_error
 
 THROUGHPUT = "timing/img_per_s"
-CONCURRENCY = "timing/concurrent_cells"
 MEMORY = "resources/peak_mem_gb"
 FID = "quality/fid"
 FID_SPREAD_FLOOR = 0.01  # fraction of the baseline mean FID; the smallest spread a FID check uses

@@ -44,6 +44,22 @@ KEY_METRICS: dict[str, tuple[str, str, str]] = {
 }
 
 
+CONCURRENCY = "timing/concurrent_cells"  # the most cells that shared the device while a cell ran (1: alone)
+
+
+def concurrency_note(records: Iterable[dict]) -> str:
+    """A line marking throughput, memory and wall time measured beside other cells ('' when all ran alone).
+
+    Records written before pools existed lack the key: they ran alone.
+    """
+    shared = sorted({int(r["metrics"].get(CONCURRENCY) or 1) for r in records
+                     if r.get("status") == "ok" and r.get("metrics")} - {1})
+    if not shared:
+        return ""
+    return (f"note: img/s, peak mem and wall s were measured with up to {shared[-1]} cells sharing the device "
+            f"({CONCURRENCY}); they are not comparable with figures measured alone (--workers 1)")
+
+
 @dataclass(frozen=True)
 class Stat:
     """Mean and sample std (ddof=1) of one metric over seeds; std is None when n < 2."""

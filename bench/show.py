@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Iterable
 
-from bench.results import (Stat, aggregate, format_counts, group_by_pair, latest_per_cell,
+from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
 from bench.stats import verdicts
 
@@ -82,6 +82,8 @@ def format_table(records: Iterable[dict], per_cell: bool = False) -> str:
             out += _align(rows, right=set(range(2, 2 + len(COLUMNS))))
         for r in not_ok(pair_records):
             out.append(f"  {r['status']}: {r['cell_id']}: {r.get('reason') or 'no reason given'}")
+        if concurrency_note(pair_records):
+            out.append("  " + concurrency_note(pair_records))
         out.append("")
     verdict_list = verdicts(records)
     if verdict_list:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.cell import run_cell
 from bench.matrix import Matrix, parse_matrix, read_yaml
-from bench.results import append_record, load_records, results_path
+from bench.results import CONCURRENCY, append_record, load_records, results_path
 from bench.wandb_sink import WandbSink
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import exit_on_user_error
@@ -30,7 +30,6 @@ MATRIX_FILE = "matrix.yaml"
 FINISHED = ("ok", "failed")
 PARENT_ENV = "GANBENCH_PARENT_PID"  # pid of the `bench run` that launched this worker
 DONE_MARK = "[bench-done] "  # a pool worker's line after each recorded cell: the mark, then JSON
-CONCURRENCY = "timing/concurrent_cells"  # the most cells sharing the device while this one ran (1: alone)
 
 
 def exit_with_parent(pid: int, poll_s: float = 0.5) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import pytest
@@ -134,3 +135,15 @@ def test_show_cli_and_user_error(fake_run, tmp_path, capsys):
         show_main([str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: no results.jsonl")
+
+
+def test_show_and_report_mark_figures_measured_beside_other_cells(fake_run, tmp_path):
+    _, records = fake_run
+    assert "cells sharing the device" not in format_table(records)  # measured alone: no mark
+    shared = [{**r, "metrics": {**r["metrics"], "timing/concurrent_cells": 2}} if r["status"] == "ok" else r
+              for r in records]
+    assert format_table(shared).count("up to 2 cells sharing the device") == 2  # under each pair's table
+    run_dir = tmp_path / "shared"
+    run_dir.mkdir()
+    (run_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shared))
+    assert "up to 2 cells sharing the device" in write_report(run_dir).read_text(encoding="utf-8")
