@@ -14,8 +14,8 @@ on the cache lock (ganlib.pretrain), so a source is never trained twice.
 
 Deaths: a worker that dies mid-cell is started again and the cell goes back to the queue; a cell
 that killed its worker 1 + RELAUNCHES times is recorded as failed and the pool goes on. A worker
-slot that dies before it finishes any cell 1 + RELAUNCHES times is retired; with every slot retired
-the cells left are recorded as failed. Ctrl-C stops every worker; finished records stay whole.
+slot whose worker dies starting up (before its ready line) 1 + RELAUNCHES times is retired; with
+every slot retired the cells left are recorded as failed. Ctrl-C stops every worker; finished records stay whole.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from bench.cell import failed_record
 from bench.matrix import Cell, Matrix, SetupSpec
 from bench.results import append_record
 from bench.shard import source_group
-from bench.worker import DONE_MARK, finished_ids
+from bench.worker import DONE_MARK, READY_MARK, finished_ids
 from ganlib.errors import UserError
 
 RELAUNCHES = 1  # a worker that dies is started again this many times per cell (and per slot at start-up)
@@ -151,9 +151,9 @@ class _Worker:
     proc: subprocess.Popen
     log: object
     buffer: bytes = b""
+    ready: bool = False  # it said it has started up (cells are sent to ready workers only)
     cell: Cell | None = None
     started: float = 0.0
-    cells_done: int = 0
     closing: bool = False  # its stdin is closed: it exits once its cell (if any) is done
 
 
@@ -195,6 +195,7 @@ class Pool:
 
     def _launch(self, slot: Slot) -> None:
         proc = self.start(slot)
+        (self.run_dir / "launch").mkdir(exist_ok=True)
         log = open(self.run_dir / "launch" / f"{slot.name}.log", "ab")
         worker = _Worker(slot, proc, log)
         self.workers.append(worker)
@@ -225,7 +226,7 @@ class Pool:
 
     def _dispatch(self) -> None:
         for worker in self.workers:
-            if worker.cell is not None or worker.closing:
+            if not worker.ready or worker.cell is not None or worker.closing:
                 continue
             if not self.queue:
                 self._close(worker)
@@ -247,7 +248,9 @@ class Pool:
             worker.log.write(raw + b"\n")
             worker.log.flush()
             text = raw.decode(errors="replace")
-            if text.startswith(DONE_MARK):
+            if text == READY_MARK:
+                worker.ready = True
+            elif text.startswith(DONE_MARK):
                 self._done(worker, json.loads(text[len(DONE_MARK):]))
             else:
                 self.echo(text + "\n")
@@ -257,7 +260,6 @@ class Pool:
         if cell is None or news.get("cell") != cell.id:  # a protocol bug, not a user mistake
             raise RuntimeError(f"worker {worker.slot.name} reported {news.get('cell')!r}, was sent "
                                f"{cell.id if cell else None!r}")
-        worker.cells_done += 1
         now = time.perf_counter()
         running = [now - w.started for w in self.workers if w.cell is not None]
         self.echo(self.progress.finished(cell.id, news["status"], news["summary"], now - worker.started, running,
@@ -274,7 +276,7 @@ class Pool:
         if cell is None:
             if worker.closing and code == 0:
                 return  # done: its stdin was closed and it ended cleanly
-            if worker.cells_done == 0:
+            if not worker.ready:  # died starting up
                 self.slot_deaths[worker.slot.name] = self.slot_deaths.get(worker.slot.name, 0) + 1
             deaths = self.slot_deaths.get(worker.slot.name, 0)
             self.last_death = f"launch died {deaths} times (last exit code {code}); {log}"

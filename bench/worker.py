@@ -30,6 +30,7 @@ MATRIX_FILE = "matrix.yaml"
 FINISHED = ("ok", "failed")
 PARENT_ENV = "GANBENCH_PARENT_PID"  # pid of the `bench run` that launched this worker
 DONE_MARK = "[bench-done] "  # a pool worker's line after each recorded cell: the mark, then JSON
+READY_MARK = "[bench-ready]"  # a pool worker's line once it has started up and waits for cells
 
 
 def exit_with_parent(pid: int, poll_s: float = 0.5) -> None:
@@ -141,7 +142,7 @@ def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: s
           entity: str | None, cache_dir: Path | None = None, lines=None) -> int:
     """Run the cells named in `lines` (default: stdin), one id per line, until they end; one process only.
 
-    After each cell: the record appended to results.jsonl, then `DONE_MARK {"cell", "status",
+    First `READY_MARK` once started; after each cell: the record appended to results.jsonl, then `DONE_MARK {"cell", "status",
     "summary"}` on stdout (the pool hands out the next cell), then the W&B mirror. `concurrency` is
     recorded in every record as timing/concurrent_cells.
     """
@@ -150,6 +151,7 @@ def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: s
     sink = WandbSink(mode=wandb_mode, project=project, entity=entity, dir=run_dir)
     (run_dir / "launch").mkdir(exist_ok=True)
     (run_dir / "launch" / f"{name}.pid").write_text(str(os.getpid()))
+    print(READY_MARK, flush=True)  # a death before this line is a start-up failure, not the cell's
     ran = 0
     for line in (sys.stdin if lines is None else lines):
         cell = cells[line.strip()]
