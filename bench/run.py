@@ -263,8 +263,14 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
             run_id = _claim_plan(run_dir, matrix, run_id, planned, shard)
         if retry_failed:
             _forget_failed(run_dir)
-        return _run_setups(matrix, run_dir, run_id, cells, base_config, cache_dir, wandb_mode, wandb_project,
-                           wandb_entity, options, shard)
+        try:
+            return _run_setups(matrix, run_dir, run_id, cells, base_config, cache_dir, wandb_mode, wandb_project,
+                               wandb_entity, options, shard)
+        except KeyboardInterrupt:  # the workers are stopped; every record written so far is whole
+            again = f"bench run --resume {run_dir}" + (f" --shard {shard}" if shard else "")
+            print(f"\n[bench] interrupted: finished cells are in {results_path(run_dir)}; continue with `{again}`",
+                  file=sys.stderr, flush=True)
+            return 130
 
 
 @contextlib.contextmanager

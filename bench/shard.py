@@ -3,7 +3,8 @@
 Cost model (a relative unit, no clock): a cell costs its transfer steps x batch x pixels x width^2
 x processes (the work of a DCGAN-like step grows with the image area and the square of the channel
 width), and the first cell of a source in a shard also pays for pretraining that source (the same
-product with the source steps). The cells that share a source form a group; a group is kept in one
+product with the source steps). The cells that share a source (same source data, network, setup
+and seed) form a group; a group is kept in one
 shard unless splitting it shortens the longest shard. When it is split, every shard holding part of
 it pays for the source: with the cache on shared storage the first shard trains it and the others
 wait on the cache lock, with separate caches each trains its own (identical) copy.
@@ -66,7 +67,7 @@ def source_group(cell: Cell) -> tuple | None:
     """Cells with equal groups share one pretrained source; None for scratch, which needs none."""
     if cell.strategy.name == "scratch":
         return None
-    return (str(cell.pair.source), cell.network, cell.setup)
+    return (str(cell.pair.source), cell.network, cell.setup, cell.seed)  # a source is trained with the cell's seed
 
 
 def _group_key(cell: Cell) -> tuple:

@@ -7,7 +7,10 @@ run tiny matrices through the real `bench run` with pools of workers and concurr
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from bench.shard import Shard, cost_share, parse_shard, split
 from ganlib.errors import UserError
 import bench.run as run_module
 from bench.cell import FAULT_ENV
-from test_bench_run import BENCH, bench, bench_env, records_of, tiny_matrix, write
+from test_bench_run import BENCH, bench, bench_env, gone, records_of, tiny_matrix, wait_for, write
 
 # --- shards: a pure split of the plan --------------------------------------------------------------
 
@@ -222,8 +225,8 @@ def test_two_shards_share_one_run_directory_and_pretrain_their_source_once(tmp_p
     """Two jobs of one run at once, on one cold cache: together the unsharded run's cells, none twice;
     both need one source, which is pretrained once (the other job waits on the cache lock)."""
     cache = tmp_path_factory.mktemp("cache-shards")
-    data = tiny_matrix(name="shards", setups=["cpu-1proc"], transfer_steps=4, seeds=[0, 1, 2, 3],
-                       source_steps=100, strategies=["finetune"],
+    data = tiny_matrix(name="shards", setups=["cpu-1proc"], transfer_steps=4, seeds=[0], source_steps=100,
+                       strategies=["finetune", {"name": "freeze_d", "options": {"layers": 1}}, "ewc", "scale_shift"],
                        metrics={"num_samples": 50, "curve_samples": 50, "eval_every": 0})
     matrix_file = write(tmp_path / "m.yaml", data)
     run_dir = tmp_path / "run"
@@ -245,3 +248,32 @@ def test_two_shards_share_one_run_directory_and_pretrain_their_source_once(tmp_p
     assert [r["metrics"]["timing/source_cache_hit"] for r in records].count(False) == 1
     assert len([p for p in (cache / "sources").iterdir() if not p.name.startswith(".")]) == 1
     assert json.loads((run_dir / "plan.json").read_text())["shards"] == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_worker_and_resume_finishes_the_rest(tmp_path, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache-interrupt")
+    matrix_file = write(tmp_path / "m.yaml", _scratch_matrix("interrupt", seeds=[0, 1, 2]))
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([str(BENCH), "run", str(matrix_file), "--out", str(run_dir), "--workers", "2",
+                             "--wandb", "disabled"], cwd=tmp_path, env=bench_env(cache), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: len(records_of(run_dir)) >= 1, proc, "the first record")
+        pids = [int(p.read_text()) for p in (run_dir / "launch").glob("*.pid")]
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends to `bench run` (its workers have sessions of their own)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err and "--resume" in err, err
+    deadline = time.monotonic() + 5  # less than a cell takes
+    while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(pids) == 2 and all(gone(pid) for pid in pids), "a worker outlived the interrupted `bench run`"
+    for line in (run_dir / "results.jsonl").read_text().splitlines():
+        json.loads(line)  # whole lines only
+    again = bench(["run", "--resume", str(run_dir)], tmp_path, bench_env(cache))
+    assert again.returncode == 0, again.stdout + again.stderr
+    counts = Counter(r["cell_id"] for r in records_of(run_dir))
+    assert sorted(counts) == sorted(c.id for c in load_matrix(str(matrix_file)).cells())
+    assert set(counts.values()) == {1}
