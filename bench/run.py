@@ -35,13 +35,12 @@ from bench import worker
 from bench.cell import failed_record, skipped_record
 from bench.matrix import Cell, Matrix, SetupSpec, check_data, filter_cells, load_matrix, parse_matrix
 from bench.results import append_record, load_records, results_path
-from bench.scheduler import RELAUNCHES  # noqa: F401  (a dead launch is started again this many times)
-from bench.scheduler import (PoolOptions, Pool, Progress, Slot, echo_to_stdout, pool_shape, pooled, usable_cpus,
-                             visible_gpus)
+from bench.scheduler import (RELAUNCHES, Pool, PoolOptions, Progress, Slot, echo_to_stdout, pool_shape, pooled,
+                             usable_cpus, visible_gpus)
 from bench.shard import Shard, cost_share, shard_cells
 from ganlib.checkpoint import atomic_write_text
-from ganlib.pretrain import default_cache_dir, is_complete, source_key
 from ganlib.errors import UserError
+from ganlib.pretrain import default_cache_dir, is_complete, source_key
 
 THREADS_KEY = "threads_per_process"  # a setup key of ours (not Accelerate's): OMP/torch threads per process
 LOCK_FILE = ".bench.lock"  # held by the `bench run` working on a run directory (shared by the shards of one run)
