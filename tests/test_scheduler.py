@@ -164,10 +164,11 @@ def test_gpu_pool_is_one_worker_per_gpu_times_cells_per_gpu():
 # --- end to end: pools and shards through the real `bench run` -------------------------------------
 
 def _scratch_matrix(name: str, **changes) -> dict:
-    """Four scratch cells (no source to pretrain), a few steps each."""
-    return tiny_matrix(name=name, setups=["cpu-1proc"], transfer_steps=6, seeds=[0, 1],
-                       strategies=["scratch", {"name": "scratch", "id": "scratch2"}],
-                       metrics={"num_samples": 50, "curve_samples": 50, "eval_every": 0}, **changes)
+    """Scratch cells (no source to pretrain), two per seed (default seeds 0 and 1), a few steps each."""
+    settings = dict(name=name, setups=["cpu-1proc"], transfer_steps=6, seeds=[0, 1],
+                    strategies=["scratch", {"name": "scratch", "id": "scratch2"}],
+                    metrics={"num_samples": 50, "curve_samples": 50, "eval_every": 0})
+    return tiny_matrix(**{**settings, **changes})
 
 
 @pytest.mark.slow
