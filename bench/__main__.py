@@ -49,7 +49,7 @@ def _cmd_list(args) -> int:
 def _cmd_show(args) -> int:
     from bench.show import show
 
-    print(show(_run_dir(args.run_dir), per_cell=args.cells))
+    print(show(*[_run_dir(d) for d in args.run_dir], per_cell=args.cells))
     return 0
 
 
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=_cmd_list)
 
     show = sub.add_parser("show", help="print a run's results table and verdicts")
-    show.add_argument("run_dir")
+    show.add_argument("run_dir", nargs="+", help="run directories (several: e.g. shards that wrote one each)")
     show.add_argument("--cells", action="store_true", help="one row per cell and seed")
     show.set_defaults(func=_cmd_show)
 

@@ -92,9 +92,10 @@ def format_table(records: Iterable[dict], per_cell: bool = False) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def show(run_dir: str | os.PathLike, per_cell: bool = False) -> str:
-    """The text `bench show DIR` prints for a run directory."""
-    return format_table(load_records(run_dir), per_cell=per_cell)
+def show(*run_dirs: str | os.PathLike, per_cell: bool = False) -> str:
+    """The text `bench show DIR...` prints: one table over the records of every directory given
+    (the shards of a run that each wrote their own directory, in order)."""
+    return format_table([r for run_dir in run_dirs for r in load_records(run_dir)], per_cell=per_cell)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -277,3 +277,21 @@ def test_ctrl_c_stops_every_worker_and_resume_finishes_the_rest(tmp_path, tmp_pa
     counts = Counter(r["cell_id"] for r in records_of(run_dir))
     assert sorted(counts) == sorted(c.id for c in load_matrix(str(matrix_file)).cells())
     assert set(counts.values()) == {1}
+
+
+def test_show_takes_the_directories_of_shards_together(tmp_path, capsys):
+    from fakes import make_fake_run
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    records = make_fake_run(whole)
+    for i, part in enumerate((records[::2], records[1::2])):  # two shards, each its own directory
+        (tmp_path / f"s{i}").mkdir()
+        (tmp_path / f"s{i}" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    bench_main(["show", str(whole), "--cells"])
+    expected = capsys.readouterr().out
+    bench_main(["show", str(tmp_path / "s0"), str(tmp_path / "s1"), "--cells"])
+    together = capsys.readouterr().out
+    assert sorted(together.splitlines()) == sorted(expected.splitlines())
+    bench_main(["show", str(tmp_path / "s0"), "--cells"])
+    assert capsys.readouterr().out != expected  # one shard alone lacks cells
