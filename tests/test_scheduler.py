@@ -6,12 +6,14 @@ run tiny matrices through the real `bench run` with pools of workers and concurr
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import subprocess
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,7 @@ from bench.results import load_records
 from bench.scheduler import PoolOptions, pool_shape
 from bench.shard import Shard, cost_share, parse_shard, split
 from ganlib.errors import UserError
+from ganlib.pretrain import source_key
 import bench.run as run_module
 from bench.cell import FAULT_ENV
 from test_bench_run import BENCH, bench, bench_env, gone, records_of, tiny_matrix, wait_for, write
@@ -220,29 +223,46 @@ def test_a_worker_killed_in_a_cell_is_relaunched_once_then_the_cell_fails_and_th
     assert "[bench] 3 ok, 1 failed, 0 skipped" in proc.stdout
 
 
+def _blocked_on(path: Path) -> int:
+    """How many flock requests wait for `path` right now (Linux: the `->` lines of /proc/locks)."""
+    inode = os.stat(path).st_ino
+    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
+               if "->" in line and any(f.count(":") == 2 and f.rsplit(":", 1)[1] == str(inode) for f in line.split()))
+
+
 @pytest.mark.slow
 def test_two_shards_share_one_run_directory_and_pretrain_their_source_once(tmp_path, tmp_path_factory):
-    """Two jobs of one run at once, on one cold cache: together the unsharded run's cells, none twice;
-    both need one source, which is pretrained once (the other job waits on the cache lock)."""
+    """Two jobs of one run at once, on one cold cache: together the unsharded run's cells, none twice.
+    Both need one source: the test holds its cache lock until both jobs wait on it, then lets go;
+    the source is pretrained once, the other job reuses it."""
     cache = tmp_path_factory.mktemp("cache-shards")
-    data = tiny_matrix(name="shards", setups=["cpu-1proc"], transfer_steps=4, seeds=[0], source_steps=100,
+    data = tiny_matrix(name="shards", setups=["cpu-1proc"], transfer_steps=4, seeds=[0],
                        strategies=["finetune", {"name": "freeze_d", "options": {"layers": 1}}, "ewc", "scale_shift"],
                        metrics={"num_samples": 50, "curve_samples": 50, "eval_every": 0})
     matrix_file = write(tmp_path / "m.yaml", data)
+    matrix = load_matrix(str(matrix_file))
+    assert all(len(part) == 2 for part in split(matrix, matrix.cells(), 2))  # each job has cells of the source
+    lock = cache / "sources" / f".{source_key(matrix.source_config(matrix.cells()[0]), 1, 'no')}.lock"
+    lock.parent.mkdir(parents=True)
     run_dir = tmp_path / "run"
     env = bench_env(cache)
-    jobs = [subprocess.Popen([str(BENCH), "run", str(matrix_file), "--out", str(run_dir), "--shard", f"{i}/2",
-                              "--workers", "1", "--wandb", "disabled"], cwd=tmp_path, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (1, 2)]
-    try:
-        outs = [job.communicate(timeout=600)[0] for job in jobs]
-    finally:
-        for job in jobs:
-            job.kill()
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # "another job is pretraining the source"
+        jobs = [subprocess.Popen([str(BENCH), "run", str(matrix_file), "--out", str(run_dir), "--shard", f"{i}/2",
+                                  "--workers", "1", "--wandb", "disabled"], cwd=tmp_path, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (1, 2)]
+        try:
+            wait_for(lambda: _blocked_on(lock) == 2 or jobs[1].poll() is not None, jobs[0], "both jobs at the lock")
+            assert jobs[1].poll() is None, jobs[1].stdout.read()
+            fcntl.flock(held, fcntl.LOCK_UN)
+            outs = [job.communicate(timeout=600)[0] for job in jobs]
+        finally:
+            for job in jobs:
+                job.kill()
     assert [job.returncode for job in jobs] == [0, 0], outs
     records = records_of(run_dir)
     counts = Counter(r["cell_id"] for r in records)
-    assert sorted(counts) == sorted(c.id for c in load_matrix(str(matrix_file)).cells())
+    assert sorted(counts) == sorted(c.id for c in matrix.cells())
     assert set(counts.values()) == {1}
     assert len({r["run_id"] for r in records}) == 1  # the second job joined the first one's run
     assert [r["metrics"]["timing/source_cache_hit"] for r in records].count(False) == 1
