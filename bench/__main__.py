@@ -12,11 +12,13 @@ from ganlib.errors import UserError, exit_on_user_error
 
 def _cmd_run(args) -> int:
     from bench.run import run_matrix
+    from bench.shard import parse_shard
 
     return run_matrix(args.matrix, only=args.only, resume=args.resume, out=args.out, dry_run=args.dry_run,
                       wandb_mode=args.wandb, wandb_project=args.wandb_project, wandb_entity=args.wandb_entity,
                       base_config=args.accelerate_config, cache_dir=args.cache_dir,
-                      retry_failed=args.retry_failed)
+                      retry_failed=args.retry_failed, workers=args.workers, cells_per_gpu=args.cells_per_gpu,
+                      shard=parse_shard(args.shard) if args.shard is not None else None)
 
 
 def _cmd_list(args) -> int:
@@ -48,7 +50,7 @@ def _cmd_list(args) -> int:
 def _cmd_show(args) -> int:
     from bench.show import show
 
-    print(show(_run_dir(args.run_dir), per_cell=args.cells))
+    print(show(*[_run_dir(d) for d in args.run_dir], per_cell=args.cells))
     return 0
 
 
@@ -84,13 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accelerate-config", type=Path, default=None, metavar="FILE",
                      help="base Accelerate config (e.g. accelerate_config.yaml) that each setup overrides")
     run.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $GANBENCH_CACHE or ~/.cache/ganbench)")
+    run.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="cells run side by side per one-process setup (default: the matrix's `workers`, else "
+                          "cores / threads_per_process on a CPU, one per visible GPU); 1 = one at a time")
+    run.add_argument("--cells-per-gpu", type=int, default=None, metavar="K",
+                     help="one-GPU setups: K workers per visible GPU (packs small networks onto one GPU)")
+    run.add_argument("--shard", default=None, metavar="I/N",
+                     help="run the I-th of N cost-balanced slices of the cells (jobs of one run may share --out)")
     run.set_defaults(func=_cmd_run)
 
     lst = sub.add_parser("list", help="presets, setups, strategies, networks, datasets, extractors")
     lst.set_defaults(func=_cmd_list)
 
     show = sub.add_parser("show", help="print a run's results table and verdicts")
-    show.add_argument("run_dir")
+    show.add_argument("run_dir", nargs="+", help="run directories (several: e.g. shards that wrote one each)")
     show.add_argument("--cells", action="store_true", help="one row per cell and seed")
     show.set_defaults(func=_cmd_show)
 

@@ -12,6 +12,7 @@ import dataclasses
 import fnmatch
 import json
 import os
+import signal
 import time
 import traceback
 from pathlib import Path
@@ -31,8 +32,9 @@ from ganlib.metrics import MetricConfig, evaluate_generator
 from ganlib.pretrain import pretrain_source, source_meta
 from ganlib.train import TrainingDiverged, native_channels, train
 
-FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom[@rank][;...]", injects a failure at run time
-FAULTS = ("nan", "option", "oom")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError
+FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom|kill[@rank][;...]", injects a failure at run time
+FAULTS = ("nan", "option", "oom", "kill")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError,
+                                           # the process SIGKILLed mid-cell (a worker that dies)
 LOG_FILE = "cell.log"          # per-cell log: what ran, how it ended, the traceback of a failure
 EVAL_SEED = 4242               # latents of every evaluation (the same for every cell, so curves compare)
 NEAREST_FILE = "nearest.png"   # few-shot cells: samples above their nearest training shots
@@ -143,6 +145,8 @@ def _write_log(path: Path, record: dict[str, Any], error: str) -> None:
 def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
          cache_dir: Path | None) -> tuple[dict, dict, dict]:
     fault = _fault(cell, accelerator.process_index)
+    if fault == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
     if fault == "oom":
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV})")
     overrides: dict[str, Any] = {"out": str(cell_dir), "progress": False}

@@ -20,6 +20,11 @@ The gate fails closed: a gated metric missing or non-finite in any ok seed is a 
 cell whose two runs ran different configurations is not compared but fails the gate (verdict
 CONFIG, the first differing field named); when no shared cell ran the same configuration the
 comparison is refused.
+
+Throughput and memory measured while other cells shared the device (`timing/concurrent_cells`,
+absent in records made before pools existed: 1) are a different measurement from those taken
+alone: when the two runs differ there, img/s and peak memory are not compared (the table says
+so); FID does not depend on concurrency and is still compared.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from bench.results import Stat, latest_per_cell, load_records, stat_of
+from bench.results import CONCURRENCY, Stat, latest_per_cell, load_records, stat_of
 from ganlib.errors import UserError, exit_on_user_error
 
 THROUGHPUT = "timing/img_per_s"
@@ -59,6 +64,7 @@ class MetricChange:
     new: Stat | None
     change: float | None = None
     spread: float | None = None  # FID only: the spread `change` is measured in
+    not_compared: str = ""  # why the two sides are not comparable (then no change, no verdict)
     regressed: bool = False
     improved: bool = False
     unusable: str = ""  # fail closed: `new seed 1: nan` when an ok seed lacks a finite value
@@ -254,6 +260,12 @@ def _first_reason(group: list[dict], status: str) -> str:
     return ""
 
 
+def _concurrency(group: list[dict]) -> tuple[int, ...]:
+    """The distinct cells-sharing-the-device counts of a cell's ok seeds (1 for records made before pools)."""
+    return tuple(sorted({int((r.get("metrics") or {}).get(CONCURRENCY) or 1)
+                         for r in group if r.get("status") == "ok"}))
+
+
 def _compare_cell(name, base, new, tols) -> CellComparison:
     """Verdict for one cell; `base` or `new` is None when the cell is absent from that run."""
     b_status = _status(base) if base else None
@@ -273,9 +285,16 @@ def _compare_cell(name, base, new, tols) -> CellComparison:
             **{key: _share(_stats(base, key), _stats(new, key), share_tol, higher)
                for key, higher in SHARES.items()},
         }
+        b_conc, n_conc = _concurrency(base), _concurrency(new)
+        if b_conc != n_conc:
+            show = lambda conc: "/".join(map(str, conc))
+            why = f"measured with {show(b_conc)} vs {show(n_conc)} concurrent cell(s)"
+            for key in (THROUGHPUT, MEMORY):
+                cell.metrics[key] = MetricChange(cell.metrics[key].base, cell.metrics[key].new, not_compared=why)
+            cell.note = f"img/s and peak mem not compared: {why} (FID compared)"
         for key, change in cell.metrics.items():  # fail closed: a gate that cannot measure does not pass
-            if key in SHARES and change.base is None:
-                continue  # transfer shares exist only for some targets; a baseline without them gates none
+            if change.not_compared or (key in SHARES and change.base is None):
+                continue  # not comparable by design; transfer shares exist only for some targets
             change.unusable = _unusable(base, new, key)
             change.regressed = change.regressed or bool(change.unusable)
         if any(m.regressed for m in cell.metrics.values()):
@@ -372,6 +391,11 @@ def compare_runs(baseline_dir, new_dir, throughput_tol: float = 0.10, memory_tol
     tols = (throughput_tol, memory_tol, fid_spreads, share_tol)
     names = list(base_groups) + [name for name in new_groups if name not in base_groups]
     cells = [_compare_cell(name, base_groups.get(name), new_groups.get(name), tols) for name in names]
+    unlike = [c.cell for c in cells if any(m.not_compared for m in c.metrics.values())]
+    if unlike:
+        warnings.append(f"img/s and peak memory not compared in {len(unlike)} cell(s), e.g. {unlike[0]}: the runs "
+                        "differ in concurrent cells per device (timing/concurrent_cells); rerun with the same "
+                        "--workers to gate throughput")
     return Comparison(str(baseline_dir), str(new_dir), throughput_tol, memory_tol, fid_spreads,
                       cells, warnings, share_tol)
 
@@ -381,6 +405,8 @@ def _fmt_relative(change: MetricChange | None, digits: int) -> str:
     if change is None or change.base is None or change.new is None:
         return "-"
     text = f"{change.base.mean:.{digits}f} -> {change.new.mean:.{digits}f}"
+    if change.not_compared:
+        return text + " (not compared)"
     return text + (f" ({change.change:+.1%})" if change.change is not None else "")
 
 

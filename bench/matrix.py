@@ -157,6 +157,7 @@ class Matrix:
     transfer_steps: int
     train: dict[str, Any] = field(default_factory=dict)
     metrics: MetricSpec = field(default_factory=MetricSpec)
+    workers: int | None = None  # cells run side by side per one-process setup; None = auto (bench/scheduler.py)
     raw: dict[str, Any] = field(default_factory=dict)
     # Augmentations per strategy id: the strategy entry's own `augment` list, else the matrix's.
     augments: dict[str, list[AugmentSpec]] = field(default_factory=dict)
@@ -192,7 +193,7 @@ class Matrix:
 # loading and validation
 
 _TOP_KEYS = {"name", "description", "network", "networks", "pairs", "strategies", "augment", "setups", "seeds",
-             "source_steps", "transfer_steps", "train", "metrics"}
+             "source_steps", "transfer_steps", "train", "metrics", "workers"}
 
 
 def preset_names() -> list[str]:
@@ -364,10 +365,15 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     if not isinstance(metrics.precision_recall, bool):
         raise UserError(f"metrics precision_recall={metrics.precision_recall!r} must be true or false")
 
+    workers = data.get("workers", "auto")
+    if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise UserError(f"{where}: workers={workers!r} must be auto or a whole number >= 1")
+
     matrix = Matrix(name=name, networks=networks, pairs=pairs, strategies=strategies, setups=setups, seeds=seeds,
                     source_steps=_int(_require(data, "source_steps", where), "source_steps", 1),
                     transfer_steps=_int(_require(data, "transfer_steps", where), "transfer_steps", 1),
-                    train=train, metrics=metrics, raw=data, augments=augments)
+                    train=train, metrics=metrics, raw=data, augments=augments,
+                    workers=None if workers == "auto" else workers)
     _check_cells(matrix, where)
     return matrix
 

@@ -17,7 +17,7 @@ from collections import defaultdict
 from importlib import resources
 from pathlib import Path
 
-from bench.results import (Stat, aggregate, format_counts, group_by_pair, latest_per_cell,
+from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
 from bench.stats import Verdict, verdicts
 
@@ -449,7 +449,10 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             f'<h3 id="{sid}-verdict">Verdict</h3>'
             + "".join(_verdict_html(v) for v in verdict_list if v.pair == pair)
             + f'<h3 id="{sid}-table">Results by strategy and setup</h3>'
-            + _pair_table(pair, pair_records, stats, counts) + _not_ok_lines(pair_records) + transfer
+            + _pair_table(pair, pair_records, stats, counts) + _not_ok_lines(pair_records)
+            + (f'<p class="subtitle">{_text(concurrency_note(pair_records))}</p>'
+               if concurrency_note(pair_records) else "")
+            + transfer
             + '<div class="grid2">'
             + f'<div class="half"><h3 id="{sid}-fid">FID by strategy</h3>'
             + _figure(plots["fid"], "FID bars") + "</div>"

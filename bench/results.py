@@ -6,6 +6,7 @@ file is the record; W&B and the HTML report are built from it, never the other w
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -47,6 +48,22 @@ KEY_METRICS: dict[str, tuple[str, str, str]] = {
     "transfer/diversity": ("diversity", "", ".3g"),
     "transfer/diversity_vs_real": ("diversity / real", "", ".2f"),
 }
+
+
+CONCURRENCY = "timing/concurrent_cells"  # the most cells that shared the device while a cell ran (1: alone)
+
+
+def concurrency_note(records: Iterable[dict]) -> str:
+    """A line marking throughput, memory and wall time measured beside other cells ('' when all ran alone).
+
+    Records written before pools existed lack the key: they ran alone.
+    """
+    shared = sorted({int(r["metrics"].get(CONCURRENCY) or 1) for r in records
+                     if r.get("status") == "ok" and r.get("metrics")} - {1})
+    if not shared:
+        return ""
+    return (f"note: img/s, peak mem and wall s were measured with up to {shared[-1]} cells sharing the device "
+            f"({CONCURRENCY}); they are not comparable with figures measured alone (--workers 1)")
 
 
 @dataclass(frozen=True)
@@ -91,8 +108,10 @@ def results_path(run_dir: str | os.PathLike) -> Path:
 def append_record(run_dir: str | os.PathLike, record: dict) -> Path:
     """Append one cell's record to `run_dir/results.jsonl` as one complete, fsync'ed line.
 
-    The line goes out in a single O_APPEND write, so records from several processes never
-    interleave, and a crash leaves at worst a torn *last* line (which `load_records` skips).
+    The line goes out in a single O_APPEND write under an exclusive flock of the file, so records
+    from several processes (pool workers, shards on other nodes sharing the directory over NFS,
+    where O_APPEND alone is not atomic) never interleave, and a crash leaves at worst a torn
+    *last* line (which `load_records` skips).
     If a previous writer died mid-line, a newline is written first so the new record stays whole.
     Returns the path of the results file.
     """
@@ -104,6 +123,7 @@ def append_record(run_dir: str | os.PathLike, record: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when the fd closes
         size = os.fstat(fd).st_size
         if size and not _ends_with_newline(path, size):
             line = b"\n" + line

@@ -1,17 +1,22 @@
 """`bench run`: plan the matrix, launch each hardware setup once, survive crashes, report.
 
-Each setup is one `accelerate launch` of `bench.worker` that runs that setup's cells in sequence.
-A launch that dies is relaunched once and continues after the last finished cell; cells left
-after a second death are recorded as failed. A setup that needs hardware this machine lacks is
+The cells of a one-process setup run side by side in a pool of worker launches (bench/scheduler.py;
+`--workers 1`: one at a time). A multi-process setup needs the whole machine: it is one `accelerate
+launch` of `bench.worker` that runs its cells in sequence, alone, between the pools. A launch that
+dies is relaunched once and continues after the last finished cell; cells left after a second
+death are recorded as failed. A setup that needs hardware this machine lacks is
 recorded as skipped with the reason. Under a user's own `accelerate launch` (several processes,
 e.g. a SLURM or multi-node job) the cells run in the current process group instead.
 One `bench run` works on a run directory at a time (a lock file), and its workers exit when it
-dies, so `bench run --resume DIR` after a killed run never races a leftover worker.
+dies, so `bench run --resume DIR` after a killed run never races a leftover worker. With `--shard
+i/n` the jobs of one run share the directory: each holds the directory's lock shared and its
+shard's lock exclusively, so shards run side by side and a second job for one shard is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -30,14 +35,18 @@ from bench import worker
 from bench.cell import failed_record, skipped_record
 from bench.matrix import Cell, Matrix, SetupSpec, check_data, filter_cells, load_matrix, parse_matrix
 from bench.results import append_record, load_records, results_path
+from bench.scheduler import (RELAUNCHES, Pool, PoolOptions, Progress, Slot, echo_to_stdout, pool_shape, pooled,
+                             usable_cpus, visible_gpus)
+from bench.shard import Shard, cost_share, shard_cells
 from ganlib.cache import cache_root
 from ganlib.checkpoint import atomic_write_text
 from ganlib.errors import UserError
 from ganlib.preflight import check_writable
+from ganlib.pretrain import default_cache_dir, is_complete, source_key
 
-RELAUNCHES = 1  # a dead launch is started again this many times
 THREADS_KEY = "threads_per_process"  # a setup key of ours (not Accelerate's): OMP/torch threads per process
-LOCK_FILE = ".bench.lock"  # held by the `bench run` working on a run directory
+LOCK_FILE = ".bench.lock"  # held by the `bench run` working on a run directory (shared by the shards of one run)
+PLAN_LOCK = ".bench.plan.lock"  # held while a job creates or joins the plan of a run directory
 
 
 def external_launch() -> bool:
@@ -83,23 +92,37 @@ def launch_config(setup: SetupSpec, run_dir: Path, base_config: Path | None) -> 
     return path
 
 
-def launch(setup: SetupSpec, run_dir: Path, base_config: Path | None, wandb_args: list[str],
-           cache_dir: Path | None) -> int:
-    """One `accelerate launch` of the worker for `setup`; returns its exit code."""
+def _worker_command(setup: SetupSpec, run_dir: Path, base_config: Path | None, worker_args: list[str],
+                    gpu: str | None = None) -> list[str]:
+    """`accelerate launch ... -m bench.worker` for `setup` (on GPU `gpu` alone when given)."""
     config = launch_config(setup, run_dir, base_config)
-    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(config),
-           "--main_process_port", str(free_port()), "-m", "bench.worker", "--run-dir", str(run_dir),
-           "--setup", setup.name, *wandb_args]
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--config_file", str(config),
+            "--main_process_port", str(free_port()), *(["--gpu_ids", gpu] if gpu is not None else []),
+            "-m", "bench.worker", "--run-dir", str(run_dir), "--setup", setup.name, *worker_args]
+
+
+def _worker_env(setup: SetupSpec, threads: int | None = None) -> dict[str, str]:
+    """The environment of a worker launch; `threads` overrides the setup's threads per process."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env[worker.PARENT_ENV] = str(os.getpid())  # the workers exit when this process dies (see worker.py)
     if setup.use_cpu:
         env["ACCELERATE_USE_CPU"] = "1"  # plain --cpu with several processes silently runs one
-    threads = setup.accelerate.get(THREADS_KEY)
+    threads = threads or setup.accelerate.get(THREADS_KEY)
     if threads is None and setup.use_cpu and setup.num_processes > 1:
         threads = max(1, (os.cpu_count() or 1) // setup.num_processes)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
-    with open(run_dir / "launch" / f"{setup.name}.log", "ab") as log:
+    return env
+
+
+def launch(setup: SetupSpec, run_dir: Path, base_config: Path | None, wandb_args: list[str],
+           cache_dir: Path | None, name: str | None = None, shard: Shard | None = None) -> int:
+    """One `accelerate launch` of the worker for `setup` (`shard`'s cells only); returns its exit code."""
+    name = name or setup.name
+    cmd = _worker_command(setup, run_dir, base_config, [*wandb_args, "--name", name,
+                                                         *(["--shard", str(shard)] if shard else [])])
+    env = _worker_env(setup)
+    with open(run_dir / "launch" / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
@@ -124,45 +147,71 @@ def _noise(line: str) -> bool:
                                    "To avoid this warning pass in values"))
 
 
-def new_run_dir(matrix: Matrix, out: Path | None) -> tuple[Path, str]:
+def new_run_dir(matrix: Matrix, out: Path | None, shard: Shard | None = None) -> tuple[Path, str]:
+    """A new run's directory and id; shards given one --out share it (their plan is joined under a lock)."""
     run_id = time.strftime("%Y%m%d-%H%M%S") + f"-{matrix.name}"
+    if shard is not None and out is None:
+        run_id += f"-{shard.label}"  # no shared directory named: each shard its own run
     run_dir = out if out is not None else Path("runs") / run_id
-    _refuse_used(run_dir)
+    _refuse_used(run_dir, shard)
     return run_dir, run_id
 
 
-def _refuse_used(run_dir: Path) -> None:
-    """A new run needs a directory (or nothing) at `run_dir` that holds no run yet."""
+def _refuse_used(run_dir: Path, shard: Shard | None = None) -> None:
+    """A new run needs a directory (or nothing) at `run_dir` that holds no run yet (shards join one)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; give a directory for the run")
-    if (run_dir / worker.PLAN_FILE).exists():
+    if shard is None and (run_dir / worker.PLAN_FILE).exists():
         raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
 
 
-def claim_new_run_dir(stack: contextlib.ExitStack, run_dir: Path) -> None:
-    """Create `run_dir`, lock it for this run (held until `stack` closes), then check it is unused.
-
-    Checked again under the lock: two runs started into one new directory both pass the first check;
-    the one that takes the lock second must be refused before it writes anything.
-    """
-    _refuse_used(run_dir)
+def claim_new_run_dir(stack: contextlib.ExitStack, run_dir: Path, shard: Shard | None = None) -> None:
+    """Create `run_dir` and lock it for this run (held until `stack` closes) before anything in it is
+    read or written. Checked again under the lock: two runs started into one new directory both pass
+    the first check; the one that takes the lock second must be refused before it writes anything."""
+    _refuse_used(run_dir, shard)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"--out {run_dir}: cannot create the run directory ({err.strerror})") from None
-    stack.enter_context(_only_runner(run_dir))
-    _refuse_used(run_dir)
+    stack.enter_context(_only_runner(run_dir, shard))
+    _refuse_used(run_dir, shard)
 
 
-def write_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell]) -> None:
+def write_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], shards: int | None = None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    plan = {"run_id": run_id, "matrix": matrix.name, "cells": [c.id for c in cells]}
+    if shards is not None:
+        plan["shards"] = shards  # every job of the run splits the cells into this many
     atomic_write_text(run_dir / worker.MATRIX_FILE, yaml.safe_dump(matrix.raw, sort_keys=False))
-    atomic_write_text(run_dir / worker.PLAN_FILE,
-                      json.dumps({"run_id": run_id, "matrix": matrix.name, "cells": [c.id for c in cells]}, indent=1))
+    atomic_write_text(run_dir / worker.PLAN_FILE, json.dumps(plan, indent=1))
 
 
-def resume_plan(run_dir: Path, matrix_ref: str | None, only: str | None) -> tuple[Matrix, str, list[Cell]]:
-    """Matrix, run id and planned cells of an existing run directory (refusing another matrix)."""
+def _claim_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], shard: Shard | None) -> str:
+    """Write the plan of a new run, or join the plan another shard of the same run wrote; the run id.
+
+    Called with the run directory locked; the plan lock makes the check and the write one step
+    for shards starting at the same moment.
+    """
+    with open(run_dir / PLAN_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if not (run_dir / worker.PLAN_FILE).exists():
+            write_plan(run_dir, matrix, run_id, cells, shard.count if shard else None)
+            return run_id
+        if shard is None:
+            raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+        theirs, plan = worker.load_plan(run_dir)
+        if theirs.raw != matrix.raw or plan["cells"] != [c.id for c in cells] or plan.get("shards") != shard.count:
+            split = f"split into {plan['shards']} shards" if plan.get("shards") else "not sharded"
+            raise UserError(f"--shard {shard}: {run_dir} holds another run ({split}, {len(plan['cells'])} cells of "
+                            f"matrix {plan['matrix']!r}); give every shard the same matrix, --only and n, or "
+                            "another --out")
+        return plan["run_id"]
+
+
+def resume_plan(run_dir: Path, matrix_ref: str | None, only: str | None,
+                shard: Shard | None = None) -> tuple[Matrix, str, list[Cell]]:
+    """Matrix, run id and planned cells (of `shard`) of an existing run directory (refusing another matrix)."""
     if not (run_dir / worker.PLAN_FILE).exists():
         raise UserError(f"--resume {run_dir}: not a bench run directory (no {worker.PLAN_FILE})")
     matrix, plan = worker.load_plan(run_dir)
@@ -170,6 +219,10 @@ def resume_plan(run_dir: Path, matrix_ref: str | None, only: str | None) -> tupl
         raise UserError(f"--resume {run_dir}: that run used a different matrix than {matrix_ref}; "
                         "resume without a matrix argument or start a new run")
     cells = [c for c in matrix.cells() if c.id in set(plan["cells"])]
+    if shard is not None and plan.get("shards", shard.count) != shard.count:
+        raise UserError(f"--resume {run_dir} --shard {shard}: that run is split into {plan['shards']} shards; "
+                        f"resume with --shard i/{plan['shards']}")
+    cells = shard_cells(matrix, cells, shard)  # the split of the whole plan, as when the run began
     if only:
         cells = filter_cells(cells, only)
     return matrix, plan["run_id"], cells
@@ -179,10 +232,21 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
                out: Path | None = None, dry_run: bool = False, wandb_mode: str = "auto",
                wandb_project: str = "ganbench", wandb_entity: str | None = None,
                base_config: Path | None = None, cache_dir: Path | None = None,
-               retry_failed: bool = False) -> int:
-    """Run (or resume) a matrix; returns the exit code: 0 every cell ok or skipped, 1 any failed."""
+               retry_failed: bool = False, workers: int | None = None, cells_per_gpu: int | None = None,
+               shard: Shard | None = None) -> int:
+    """Run (or resume) a matrix; returns the exit code: 0 every cell ok or skipped, 1 any failed.
+
+    workers / cells_per_gpu size the pools of one-process setups (None: the matrix's `workers`, else
+    automatic; see bench/scheduler.py); shard: run only that slice of the cells (bench/shard.py).
+    """
     if retry_failed and resume is None:
         raise UserError("--retry-failed reruns the failed cells of an earlier run: give it with --resume DIR")
+    if retry_failed and shard is not None:
+        raise UserError(f"--retry-failed with --shard {shard}: rewriting results.jsonl would race the other "
+                        "shards; after they end, run `bench run --resume DIR --retry-failed` once")
+    if shard is not None and external_launch():
+        raise UserError(f"--shard {shard} under your own launcher: start `bench run --shard` without it on each "
+                        "node (bench launches every setup itself; see docs/cluster.md)")
     if base_config is not None and not base_config.is_file():
         raise UserError(f"--accelerate-config {base_config}: no such file")
     if cache_dir is not None:
@@ -192,19 +256,25 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
         if not resume.is_dir():
             raise UserError(f"--resume {resume}: not a bench run directory (no such directory)")
         if not dry_run and not external_launch():
-            held.enter_context(_only_runner(resume))
-        matrix, run_id, cells = resume_plan(resume, matrix_ref, only)
-        run_dir = resume
+            held.enter_context(_only_runner(resume, shard))
+        matrix, run_id, cells = resume_plan(resume, matrix_ref, only, shard)
+        run_dir, planned = resume, cells
     else:
         matrix = load_matrix(matrix_ref)
-        cells = filter_cells(matrix.cells(), only)
+        planned = filter_cells(matrix.cells(), only)
+        cells = shard_cells(matrix, planned, shard)
         if external_launch() and not dry_run:
             run_dir, run_id = out, None  # named by the main process alone (_run_in_process_group)
         else:
-            run_dir, run_id = new_run_dir(matrix, out)
+            run_dir, run_id = new_run_dir(matrix, out, shard)
+    options = PoolOptions(workers, cells_per_gpu).validate([matrix.setup(n) for n in dict.fromkeys(c.setup for c in planned)])
+    if options.workers is None:
+        options = PoolOptions(matrix.workers, options.cells_per_gpu)
     check_data(matrix)  # a dry run too: n larger than a class, missing offline data
     if dry_run:
-        print(f"{len(cells)} cell(s) of matrix {matrix.name!r} (source {matrix.source_steps} steps, "
+        part = (f"shard {shard}: {len(cells)} of {len(planned)} cell(s), "
+                f"{cost_share(matrix, cells, planned):.0%} of the expected cost, " if shard else f"{len(cells)} cell(s) ")
+        print(f"{part}of matrix {matrix.name!r} (source {matrix.source_steps} steps, "
               f"transfer {matrix.transfer_steps} steps):")
         for i, cell in enumerate(cells, 1):
             reason = unavailable(matrix.setup(cell.setup))
@@ -215,27 +285,42 @@ def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path 
         return _run_in_process_group(matrix, run_dir, run_id, cells, resume is not None, wandb_mode,
                                      wandb_project, wandb_entity, cache_dir)
     if resume is None:
-        claim_new_run_dir(held, run_dir)
-        write_plan(run_dir, matrix, run_id, cells)
+        claim_new_run_dir(held, run_dir, shard)
+        run_id = _claim_plan(run_dir, matrix, run_id, planned, shard)
     with held:
         if retry_failed:
             _forget_failed(run_dir)
-        return _run_setups(matrix, run_dir, run_id, cells, base_config, cache_dir, wandb_mode, wandb_project,
-                           wandb_entity)
+        try:
+            return _run_setups(matrix, run_dir, run_id, cells, base_config, cache_dir, wandb_mode, wandb_project,
+                               wandb_entity, options, shard)
+        except KeyboardInterrupt:  # the workers are stopped; every record written so far is whole
+            again = f"bench run --resume {run_dir}" + (f" --shard {shard}" if shard else "")
+            print(f"\n[bench] interrupted: finished cells are in {results_path(run_dir)}; continue with `{again}`",
+                  file=sys.stderr, flush=True)
+            return 130
 
 
 @contextlib.contextmanager
-def _only_runner(run_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the run directory: two `bench run`s on one directory would run cells twice."""
-    with open(run_dir / LOCK_FILE, "a") as handle:
+def _only_runner(run_dir: Path, shard: Shard | None = None) -> Iterator[None]:
+    """Lock the run directory: two `bench run`s on one directory (or one shard) would run cells twice.
+
+    Unsharded: the directory's lock, exclusively. A shard: the directory's lock shared (the other
+    shards of the run hold it too; an unsharded run is refused) and its shard's lock exclusively.
+    """
+    with contextlib.ExitStack() as stack:
+        handle = stack.enter_context(open(run_dir / LOCK_FILE, "a"))
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shard else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"another `bench run` is using {run_dir}; wait for it to end or stop it first") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        if shard is not None:
+            mine = stack.enter_context(open(run_dir / f".bench.{shard.label}.lock", "a"))
+            try:
+                fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(f"another `bench run` is running shard {shard} of {run_dir}; wait for it to end "
+                                "or stop it first") from None
+        yield  # the locks go with the files' closing
 
 
 def _latest(run_dir: Path) -> dict[str, dict]:
@@ -246,13 +331,17 @@ def _latest(run_dir: Path) -> dict[str, dict]:
 
 
 def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], base_config: Path | None,
-                cache_dir: Path | None, wandb_mode: str, wandb_project: str, wandb_entity: str | None) -> int:
-    """One launch per setup (relaunched once after a death), skipped setups recorded; the exit code."""
-    print(f"[bench] run {run_id}: {len(cells)} cell(s) -> {run_dir}", flush=True)
+                cache_dir: Path | None, wandb_mode: str, wandb_project: str, wandb_entity: str | None,
+                options: PoolOptions = PoolOptions(), shard: Shard | None = None) -> int:
+    """Setup by setup: a pool for a one-process setup, one launch (relaunched once after a death) for a
+    multi-process one, skipped setups recorded; the exit code."""
+    what = f"shard {shard} of run {run_id}" if shard else f"run {run_id}"
+    print(f"[bench] {what}: {len(cells)} cell(s) -> {run_dir}", flush=True)
     wandb_args = ["--wandb", wandb_mode, "--wandb-project", wandb_project]
     if wandb_entity:
         wandb_args += ["--wandb-entity", wandb_entity]
     started = time.perf_counter()
+    progress = Progress(len(cells), len({c.id for c in cells} & worker.finished_ids(run_dir)))
     for setup in matrix.setups:
         todo = [c for c in cells if c.setup == setup.name and c.id not in worker.finished_ids(run_dir)]
         if not todo:
@@ -266,27 +355,63 @@ def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], b
                 if (before.get("status"), before.get("reason")) != ("skipped", reason):  # a resume: said already
                     append_record(run_dir, skipped_record(matrix, cell, run_id, reason))
             continue
-        _run_launches(matrix, setup, todo, run_dir, run_id, base_config, wandb_args, cache_dir)
+        if pooled(setup):
+            _run_pool(matrix, setup, todo, run_dir, run_id, base_config, wandb_args, options, shard, progress)
+        else:
+            _run_launches(matrix, setup, todo, run_dir, run_id, base_config, wandb_args, cache_dir, shard)
+            progress.done += len(todo)
     print(f"[bench] matrix finished in {time.perf_counter() - started:.0f} s", flush=True)
     return finish(run_dir, run_id, cells, wandb_mode, wandb_project, wandb_entity)
 
 
+def _run_pool(matrix: Matrix, setup: SetupSpec, todo: list[Cell], run_dir: Path, run_id: str,
+              base_config: Path | None, wandb_args: list[str], options: PoolOptions, shard: Shard | None,
+              progress: Progress) -> None:
+    """The cells of a one-process setup on a pool of workers (bench/scheduler.py)."""
+    shape = pool_shape(setup, options, setup.accelerate.get(THREADS_KEY), usable_cpus(),
+                       [] if setup.use_cpu else visible_gpus())
+    if shard is not None:  # shards sharing the directory: a file stem each under launch/
+        shape = dataclasses.replace(shape, slots=tuple(dataclasses.replace(s, name=f"{s.name}.{shard.label}")
+                                                       for s in shape.slots))
+    device = "the CPU" if setup.use_cpu else "each GPU"
+    print(f"[bench] setup {setup.name}: {len(todo)} cell(s) on {len(shape.slots)} worker(s), up to "
+          f"{shape.per_device} cell(s) sharing {device}", flush=True)
+
+    def start(slot: Slot) -> subprocess.Popen:
+        args = [*wandb_args, "--serve", "--name", slot.name, "--concurrent-cells", str(shape.per_device)]
+        return subprocess.Popen(_worker_command(setup, run_dir, base_config, args, slot.gpu),
+                                env=_worker_env(setup, slot.threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def echo(text: str) -> None:
+        if not _noise(text):
+            echo_to_stdout(text)
+
+    def source_ready(cell: Cell) -> bool:
+        key = source_key(matrix.source_config(cell), 1, setup.mixed_precision)
+        return is_complete(default_cache_dir() / key)
+
+    Pool(matrix, run_dir, run_id, shape, start, progress, echo, source_ready).run(todo)
+
+
 def _run_launches(matrix: Matrix, setup: SetupSpec, todo: list[Cell], run_dir: Path, run_id: str,
-                  base_config: Path | None, wandb_args: list[str], cache_dir: Path | None) -> None:
+                  base_config: Path | None, wandb_args: list[str], cache_dir: Path | None,
+                  shard: Shard | None = None) -> None:
     """Launch `setup` until its cells are done. A launch that dies is started again; a cell that was
     running at 1 + RELAUNCHES deaths is recorded as failed (it kills its process) and the rest go on.
     A launch that dies before any cell, 1 + RELAUNCHES times, fails the setup's remaining cells."""
     deaths: dict[str, int] = {}
-    current = run_dir / "launch" / f"{setup.name}.current"
+    name = setup.name + (f".{shard.label}" if shard else "")  # shards sharing the directory: a stem each
+    current = run_dir / "launch" / f"{name}.current"
     while True:
         current.unlink(missing_ok=True)
-        code = launch(setup, run_dir, base_config, wandb_args, cache_dir)
+        code = launch(setup, run_dir, base_config, wandb_args, cache_dir, name, shard)
         left = [c for c in todo if c.id not in worker.finished_ids(run_dir)]
         if not left:
             return
         culprit = current.read_text().strip() if current.exists() else "(start-up)"
         deaths[culprit] = deaths.get(culprit, 0) + 1
-        log = f"see launch/{setup.name}.log"
+        log = f"see launch/{name}.log"
         if deaths[culprit] <= RELAUNCHES:
             print(f"[bench] launch of setup {setup.name} died in {culprit} (exit code {code}); relaunching to "
                   f"continue with {len(left)} cell(s) left", flush=True)
@@ -347,8 +472,8 @@ def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | No
     if not resuming:
         raw = dict(matrix.raw, setups=[str(setup_file)])
         matrix = parse_matrix(raw, "matrix")
-        wanted = {(c.arm, c.pair.id, c.network.id, c.seed) for c in cells}
-        cells = [c for c in matrix.cells() if (c.arm, c.pair.id, c.network.id, c.seed) in wanted]
+        wanted = {(c.strategy.id, c.pair.id, c.network.id, c.seed) for c in cells}
+        cells = [c for c in matrix.cells() if (c.strategy.id, c.pair.id, c.network.id, c.seed) in wanted]
         if accelerator.is_main_process:
             write_plan(run_dir, matrix, run_id, cells)
         accelerator.wait_for_everyone()
@@ -363,13 +488,16 @@ def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | No
 
 def finish(run_dir: Path, run_id: str, cells: list[Cell], wandb_mode: str, wandb_project: str,
            wandb_entity: str | None) -> int:
-    """Write the HTML report, mirror the summary to W&B, print the table; the exit code."""
+    """Write the HTML report (of every record in the directory), mirror the summary to W&B, print the
+    table of `cells`; the exit code (of `cells`)."""
     from bench.report import plot_paths, write_report
     from bench.show import format_table
     from bench.wandb_sink import WandbSink
 
     records = [r for r in load_records(run_dir) if r["cell_id"] in {c.id for c in cells}]
-    report = write_report(run_dir)
+    with open(run_dir / PLAN_LOCK, "a") as handle:  # shards ending together: one report writer at a time
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        report = write_report(run_dir)
     print(format_table(records), flush=True)
     with WandbSink(mode=wandb_mode, project=wandb_project, entity=wandb_entity, dir=run_dir) as sink:
         sink.log_summary(run_id, records, plot_paths(run_dir))

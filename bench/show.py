@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Iterable
 
-from bench.results import (Stat, aggregate, format_counts, group_by_pair, latest_per_cell,
+from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
 from bench.stats import verdicts
 
@@ -85,6 +85,8 @@ def format_table(records: Iterable[dict], per_cell: bool = False) -> str:
             out += _align(rows, right=set(range(2, 2 + len(COLUMNS))))
         for r in not_ok(pair_records):
             out.append(f"  {r['status']}: {r['cell_id']}: {r.get('reason') or 'no reason given'}")
+        if concurrency_note(pair_records):
+            out.append("  " + concurrency_note(pair_records))
         out.append("")
     verdict_list = verdicts(records)
     if verdict_list:
@@ -96,9 +98,10 @@ def format_table(records: Iterable[dict], per_cell: bool = False) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def show(run_dir: str | os.PathLike, per_cell: bool = False) -> str:
-    """The text `bench show DIR` prints for a run directory."""
-    return format_table(load_records(run_dir), per_cell=per_cell)
+def show(*run_dirs: str | os.PathLike, per_cell: bool = False) -> str:
+    """The text `bench show DIR...` prints: one table over the records of every directory given
+    (the shards of a run that each wrote their own directory, in order)."""
+    return format_table([r for run_dir in run_dirs for r in load_records(run_dir)], per_cell=per_cell)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@
 `bench run` starts this with `accelerate launch -m bench.worker --run-dir DIR --setup NAME`. It
 skips cells already recorded in DIR/results.jsonl, so a relaunch after a crash continues after
 the last finished cell. The main process writes each record (atomically, one line) before it
-mirrors the cell to W&B.
+mirrors the cell to W&B. With `--serve NAME` it is one worker of a pool (bench/scheduler.py) and
+runs the cells named on its stdin instead, one per line, until the stdin closes.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import os
 import select
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 from bench.cell import run_cell
 from bench.matrix import Matrix, parse_matrix, read_text_file, read_yaml
 from bench.outcome import HARNESS_TIMEOUT_S
-from bench.results import append_record, load_records, results_path
+from bench.results import CONCURRENCY, append_record, load_records, results_path
 from bench.wandb_sink import WandbSink
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
@@ -28,6 +30,8 @@ PLAN_FILE = "plan.json"
 MATRIX_FILE = "matrix.yaml"
 FINISHED = ("ok", "failed")
 PARENT_ENV = "GANBENCH_PARENT_PID"  # pid of the `bench run` that launched this worker
+DONE_MARK = "[bench-done] "  # a pool worker's line after each recorded cell: the mark, then JSON
+READY_MARK = "[bench-ready]"  # a pool worker's line once it has started up and waits for cells
 
 
 def exit_with_parent(pid: int, poll_s: float = 0.5) -> None:
@@ -86,19 +90,40 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+def summary(record: dict) -> str:
+    """The finished cell in a few words, for the progress lines."""
+    m = record["metrics"]
+    if record["status"] == "ok":
+        speed = m.get("timing/img_per_s")  # None: every step was a warm-up step
+        return (f"FID {m.get('quality/fid', float('nan')):.2f}, "
+                + (f"{speed:.0f} img/s, " if speed is not None else "img/s not measured, ")
+                + f"{m.get('timing/wall_s', 0):.1f} s")
+    return f"FAILED: {record['reason']}"
+
+
 def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, project: str,
-              entity: str | None, cache_dir: Path | None = None) -> int:
-    """Run the planned cells of `setup` (None: every planned cell) not yet finished; returns how many ran."""
+              entity: str | None, cache_dir: Path | None = None, shard: str | None = None,
+              name: str | None = None) -> int:
+    """Run the planned cells of `setup` (None: every planned cell) not yet finished; returns how many ran.
+
+    `shard` ("i/n"): only that shard's cells; `name`: the file stem of this launch under launch/
+    (default: the setup's name), distinct per shard when shards share a run directory.
+    """
+    from bench.shard import parse_shard, shard_cells
+
     matrix, plan = load_plan(run_dir)
-    cells = [c for c in matrix.cells() if c.id in set(plan["cells"]) and (setup is None or c.setup == setup)]
+    planned = [c for c in matrix.cells() if c.id in set(plan["cells"])]
+    planned = shard_cells(matrix, planned, parse_shard(shard) if shard else None)
+    cells = [c for c in planned if setup is None or c.setup == setup]
+    name = name or setup or "external"
     done = broadcast_object(accelerator, finished_ids(run_dir) if accelerator.is_main_process else None)
     todo = [c for c in cells if c.id not in done]
-    total = len(plan["cells"])
+    total = len(planned)
     sink = WandbSink(mode=wandb_mode if accelerator.is_main_process else "disabled", project=project,
                      entity=entity, dir=run_dir)
     if accelerator.is_main_process:
         (run_dir / "launch").mkdir(exist_ok=True)
-        (run_dir / "launch" / f"{setup or 'external'}.pid").write_text(str(os.getpid()))
+        (run_dir / "launch" / f"{name}.pid").write_text(str(os.getpid()))
     durations: list[float] = []
     for cell in todo:
         finished_before = len(done) + len(durations)
@@ -108,23 +133,47 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
         accelerator.print(f"[bench] cell {finished_before + 1}/{total}: {cell.id}{eta}", flush=True)
         t0 = time.perf_counter()
         if accelerator.is_main_process:  # so `bench run` can tell which cell a dead launch was running
-            (run_dir / "launch" / f"{setup or 'external'}.current").write_text(cell.id)
+            (run_dir / "launch" / f"{name}.current").write_text(cell.id)
         record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir)
+        record["metrics"][CONCURRENCY] = 1  # a launch of its own: multi-process setups run alone
         durations.append(time.perf_counter() - t0)
         if accelerator.is_main_process:
             append_record(run_dir, record)
-            m = record["metrics"]
-            if record["status"] == "ok":
-                summary = (f"FID {m.get('quality/fid', float('nan')):.2f}, {m.get('timing/img_per_s', 0):.0f} img/s, "
-                           f"{m.get('timing/wall_s', 0):.1f} s")
-            else:
-                summary = f"FAILED: {record['reason']}"
-            print(f"[bench]   {record['status']}: {summary}", flush=True)
+            print(f"[bench]   {record['status']}: {summary(record)}", flush=True)
             samples = run_dir / record["artifacts"]["samples"] if record["artifacts"].get("samples") else None
             sink.log_cell(record, samples if samples and samples.exists() else None)
         accelerator.wait_for_everyone()
     sink.close()
     return len(todo)
+
+
+def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: str, project: str,
+          entity: str | None, cache_dir: Path | None = None, lines=None) -> int:
+    """Run the cells named in `lines` (default: stdin), one id per line, until they end; one process only.
+
+    First `READY_MARK` once started; after each cell: the record appended to results.jsonl, then `DONE_MARK {"cell", "status",
+    "summary"}` on stdout (the pool hands out the next cell), then the W&B mirror. `concurrency` is
+    recorded in every record as timing/concurrent_cells.
+    """
+    matrix, plan = load_plan(run_dir)
+    cells = {c.id: c for c in matrix.cells() if c.id in set(plan["cells"])}
+    sink = WandbSink(mode=wandb_mode, project=project, entity=entity, dir=run_dir)
+    (run_dir / "launch").mkdir(exist_ok=True)
+    (run_dir / "launch" / f"{name}.pid").write_text(str(os.getpid()))
+    print(READY_MARK, flush=True)  # a death before this line is a start-up failure, not the cell's
+    ran = 0
+    for line in (sys.stdin if lines is None else lines):
+        cell = cells[line.strip()]
+        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir)
+        record["metrics"][CONCURRENCY] = concurrency
+        append_record(run_dir, record)
+        print(DONE_MARK + json.dumps({"cell": cell.id, "status": record["status"], "summary": summary(record)}),
+              flush=True)
+        samples = run_dir / record["artifacts"]["samples"] if record["artifacts"].get("samples") else None
+        sink.log_cell(record, samples if samples and samples.exists() else None)
+        ran += 1
+    sink.close()
+    return ran
 
 
 @exit_on_user_error
@@ -136,12 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wandb-project", default="ganbench")
     parser.add_argument("--wandb-entity", default=None)
     parser.add_argument("--cache-dir", default=None, type=Path)
+    parser.add_argument("--name", default=None, help="file stem of this launch under launch/")
+    parser.add_argument("--shard", default=None, help="i/n: only that shard's cells")
+    parser.add_argument("--serve", action="store_true", help="a pool worker: run the cell ids read on stdin")
+    parser.add_argument("--concurrent-cells", type=int, default=1, help="with --serve: cells sharing the device")
     args = parser.parse_args(argv)
     if os.environ.get(PARENT_ENV):
         exit_with_parent(int(os.environ[PARENT_ENV]))
     accelerator = make_accelerator(timeout_s=HARNESS_TIMEOUT_S)
-    run_setup(accelerator, args.run_dir, args.setup, args.wandb, args.wandb_project, args.wandb_entity,
-              args.cache_dir)
+    if args.serve:
+        serve(accelerator, args.run_dir, args.name or args.setup, args.concurrent_cells, args.wandb,
+              args.wandb_project, args.wandb_entity, args.cache_dir)
+    else:
+        run_setup(accelerator, args.run_dir, args.setup, args.wandb, args.wandb_project, args.wandb_entity,
+                  args.cache_dir, args.shard, args.name)
     shutdown(accelerator)
     return 0
 

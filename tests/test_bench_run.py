@@ -406,15 +406,37 @@ def test_launch_that_keeps_dying_gives_up_after_one_relaunch(tmp_path, monkeypat
         return 137  # what a SIGKILLed launcher returns
 
     monkeypatch.setattr(run_module, "launch", dying_launch)
-    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["finetune"], setups=["cpu-1proc", "1xgpu-bf16"]))
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["finetune"], setups=["cpu-2proc", "1xgpu-bf16"]))
     code = run_module.run_matrix(str(matrix_file), out=tmp_path / "run", wandb_mode="disabled")
     assert code == 1
-    assert launches == ["cpu-1proc", "cpu-1proc"] + ["1xgpu-bf16", "1xgpu-bf16"] * bool(GPUS)
+    assert launches == ["cpu-2proc", "cpu-2proc"]
     recs = by_id(tmp_path / "run")
-    died = recs[_id("finetune", "cpu-1proc")]
+    died = recs[_id("finetune", "cpu-2proc")]
     assert died["status"] == "failed" and "launch died 2 times (last exit code 137)" in died["reason"]
-    assert "launch/cpu-1proc.log" in died["reason"] and died["env"]["python"]
+    assert "launch/cpu-2proc.log" in died["reason"] and died["env"]["python"]
     assert recs[_id("finetune", "1xgpu-bf16")]["status"] == ("failed" if GPUS else "skipped")
+
+
+def test_pool_workers_that_keep_dying_at_start_up_fail_the_cells_after_one_relaunch(tmp_path, monkeypatch, capsys):
+    """Each worker of a one-process setup's pool exits at once (code 3): each slot is started again
+    once, then the cells left are recorded as failed and the run ends."""
+    monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    started = []
+
+    def dying_worker(setup, run_dir, base_config, args, gpu=None):
+        started.append(args[args.index("--name") + 1])
+        return [sys.executable, "-c", "raise SystemExit(3)"]
+
+    monkeypatch.setattr(run_module, "_worker_command", dying_worker)
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch", "finetune", "ewc"],
+                                                         setups=["cpu-1proc"]))
+    code = run_module.run_matrix(str(matrix_file), out=tmp_path / "run", wandb_mode="disabled", workers=2)
+    assert code == 1
+    assert sorted(started) == ["cpu-1proc", "cpu-1proc", "cpu-1proc.w1", "cpu-1proc.w1"]
+    recs = by_id(tmp_path / "run")
+    assert len(recs) == 3 and all(r["status"] == "failed" for r in recs.values())
+    assert all("launch died 2 times (last exit code 3)" in r["reason"] for r in recs.values())
 
 
 @pytest.fixture

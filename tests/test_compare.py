@@ -385,3 +385,31 @@ def test_transfer_share_lost_in_the_new_run_fails_closed(tmp_path):
     cell = _cell(compare_runs(base, new), A)
     assert cell.verdict == "REGRESSED" and TARGET_SHARE in cell.regressions
     assert main_compare([str(base), str(new)]) == 1
+
+
+def _with_concurrency(run_dir, cells: int):
+    """Mark every record of a run as measured with `cells` cells sharing the device (a pool)."""
+    records = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    for r in records:
+        r["metrics"]["timing/concurrent_cells"] = cells
+    (run_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def test_throughput_across_concurrency_is_not_compared_but_fid_is(tmp_path, capsys):
+    base = write_run(tmp_path / "base")  # records from before pools: measured alone
+    new = _with_concurrency(write_run(tmp_path / "new", scale={A: (0.5, 1.5, 0.0), B: (0.5, 1.0, 4.0)}), 2)
+    cmp = compare_runs(base, new)
+    for name in (A, B):
+        for key in (THROUGHPUT, MEMORY):
+            assert _cell(cmp, name).metrics[key].not_compared and not _cell(cmp, name).metrics[key].regressed
+    assert _cell(cmp, A).verdict == "OK" and _cell(cmp, B).regressions == [FID]
+    assert main_compare([str(base), str(new)]) == 1
+    out = capsys.readouterr().out
+    assert "not compared" in out and "concurrent" in out.splitlines()[0]
+
+
+def test_throughput_at_equal_concurrency_is_compared(tmp_path):
+    base = _with_concurrency(write_run(tmp_path / "base"), 2)
+    new = _with_concurrency(write_run(tmp_path / "new", scale={A: (0.5, 1.0, 0.0)}), 2)
+    assert _cell(compare_runs(base, new), A).regressions == [THROUGHPUT]

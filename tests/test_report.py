@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 import shutil
 
@@ -237,3 +238,15 @@ def test_report_and_show_of_a_real_run(real_run, tmp_path):
     out = format_table(records)
     assert any(line.startswith(f"== {pair}") for line in out.splitlines())
     assert all(f"{r['status']}: {r['cell_id']}: {r['reason']}" in out for r in not_ok)
+
+
+def test_show_and_report_mark_figures_measured_beside_other_cells(fake_run, tmp_path):
+    _, records = fake_run
+    assert "cells sharing the device" not in format_table(records)  # measured alone: no mark
+    shared = [{**r, "metrics": {**r["metrics"], "timing/concurrent_cells": 2}} if r["status"] == "ok" else r
+              for r in records]
+    assert format_table(shared).count("up to 2 cells sharing the device") == 2  # under each pair's table
+    run_dir = tmp_path / "shared"
+    run_dir.mkdir()
+    (run_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shared))
+    assert "up to 2 cells sharing the device" in write_report(run_dir).read_text(encoding="utf-8")
