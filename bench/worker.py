@@ -102,7 +102,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
         t0 = time.perf_counter()
         if accelerator.is_main_process:  # so `bench run` can tell which cell a dead launch was running
             (run_dir / "launch" / f"{setup or 'external'}.current").write_text(cell.id)
-        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir)
+        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir, sink=sink)
         durations.append(time.perf_counter() - t0)
         if accelerator.is_main_process:
             append_record(run_dir, record)
@@ -113,7 +113,8 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
             else:
                 summary = f"FAILED: {record['reason']}"
             print(f"[bench]   {record['status']}: {summary}", flush=True)
-            samples = run_dir / record["artifacts"]["samples"] if record.get("artifacts") else None
+            samples = record.get("artifacts", {}).get("samples")  # a failed cell has none
+            samples = run_dir / samples if samples else None
             sink.log_cell(record, samples if samples and samples.exists() else None)
         accelerator.wait_for_everyone()
     sink.close()
