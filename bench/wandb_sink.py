@@ -244,6 +244,28 @@ class WandbSink:
                              latest_per_cell(records), [Path(p) for p in plot_paths],
                              Path(run_dir) if run_dir is not None else self.dir)
 
+    def log_perf_gate(self, night: str, rows: list[dict], summary: dict, config: dict) -> bool:
+        """The nightly benchmark gate as a `perf-gate` run (group and job type `perf-gate`, name
+        `perf-gate-<night>`, id fixed by `night`): its table of rows, and per benchmark the normalised
+        median and change as summary metrics (`gate/<benchmark>/...`) for charts across nights.
+        A night with a regression finishes with exit code 1, so W&B lists it as failed."""
+        if not self.enabled:
+            return False
+
+        def fill(wandb, run):
+            columns = list(rows[0]) if rows else ["name", "verdict"]
+            run.log({"gate": wandb.Table(columns=columns, data=[[_flat(r.get(c)) for c in columns] for r in rows],
+                                         allow_mixed_types=True)})
+            for r in rows:
+                run.summary.update({f"gate/{r['name']}/{k}": _flat(r.get(k)) for k in ("new", "change", "verdict")})
+            run.summary.update({k: _flat(v) for k, v in summary.items()})
+
+        init = dict(id=wandb_run_id("perf-gate", night), group="perf-gate", job_type="perf-gate",
+                    name=f"perf-gate-{night}", config=scrub(config),
+                    tags=["perf-gate"] + ([str(config["device"])] if config.get("device") else []))
+        code = FAILED_EXIT_CODE if summary.get("verdict") == "REGRESSED" else 0
+        return self._guarded(f"perf gate {night}", lambda: self._run(fill, code, **init))
+
     def sync_command(self) -> str | None:
         """The `wandb sync` command that uploads this run's offline runs (None unless offline)."""
         if self.mode != "offline" or self.runs_logged == 0:
