@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.wandb_sink import MODES
 from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
 
@@ -68,6 +69,7 @@ def _run_dir(text: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="bench", description="ganbench: compare GAN transfer strategies.")
+    parser.add_version()
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a matrix (a preset name or a YAML file; default: the default preset)")
@@ -77,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="with --resume: rerun failed cells too")
     run.add_argument("--out", type=Path, default=None, metavar="DIR", help="run directory (default runs/<run id>)")
     run.add_argument("--dry-run", action="store_true", help="list the cells without training")
-    run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto")
-    run.add_argument("--wandb-project", default="ganbench")
-    run.add_argument("--wandb-entity", default=None)
+    run.add_argument("--wandb", choices=MODES, default="auto",
+                     help="W&B mode: auto = online with credentials (WANDB_API_KEY or netrc), else offline")
+    run.add_argument("--wandb-project", default="ganbench", help="W&B project (default ganbench)")
+    run.add_argument("--wandb-entity", default=None, help="W&B entity (team or user); default: the account's")
     run.add_argument("--accelerate-config", type=Path, default=None, metavar="FILE",
                      help="base Accelerate config (e.g. accelerate_config.yaml) that each setup overrides")
     run.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $GANBENCH_CACHE or ~/.cache/ganbench)")
@@ -89,12 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=_cmd_list)
 
     show = sub.add_parser("show", help="print a run's results table and verdicts")
-    show.add_argument("run_dir")
+    show.add_argument("run_dir", help="a run directory (holds results.jsonl)")
     show.add_argument("--cells", action="store_true", help="one row per cell and seed")
     show.set_defaults(func=_cmd_show)
 
     report = sub.add_parser("report", help="write DIR/report.html")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a run directory (holds results.jsonl)")
     report.set_defaults(func=_cmd_report)
 
     compare = sub.add_parser("compare", help="compare two runs (exit 1 on regression)", add_help=False)

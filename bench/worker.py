@@ -124,12 +124,12 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run one setup's cells (started by `bench run`)")
-    parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--setup", default=None)
-    parser.add_argument("--wandb", default="disabled")
-    parser.add_argument("--wandb-project", default="ganbench")
-    parser.add_argument("--wandb-entity", default=None)
-    parser.add_argument("--cache-dir", default=None, type=Path)
+    parser.add_argument("--run-dir", required=True, type=Path, help="the run directory `bench run` planned")
+    parser.add_argument("--setup", default=None, help="run this setup's cells (default: every planned cell)")
+    parser.add_argument("--wandb", default="disabled", help="W&B mode (auto, online, offline, disabled)")
+    parser.add_argument("--wandb-project", default="ganbench", help="W&B project")
+    parser.add_argument("--wandb-entity", default=None, help="W&B entity (team or user)")
+    parser.add_argument("--cache-dir", default=None, type=Path, help="cache root (default $GANBENCH_CACHE)")
     args = parser.parse_args(argv)
     if os.environ.get(PARENT_ENV):
         exit_with_parent(int(os.environ[PARENT_ENV]))

@@ -35,6 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.wandb_sink import MODES
 from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
 
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the pytest node ids of the regressed benchmarks there (one a line), to rerun them")
     parser.add_argument("--confirmed", type=Path, metavar="RERUN.json",
                         help="the flagged benchmarks rerun in a fresh process: only regressions it confirms count")
-    parser.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="disabled",
+    parser.add_argument("--wandb", choices=MODES, default="disabled",
                         help="log the table and verdict as a perf-gate W&B run (auto: online with credentials)")
     parser.add_argument("--wandb-project", default="ganbench", help="W&B project of the perf-gate run")
     parser.add_argument("--wandb-entity", default=None, help="W&B entity (team or user); default: the account's")

@@ -491,8 +491,9 @@ def _write_outputs(out: Path, accelerator, G, D, extras, ema, gen, map_latent, f
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m ganlib.train", description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_version()
     add_arguments(parser)
     cfg = from_arguments(parser.parse_args(argv))
     accelerator = make_accelerator(cfg.mixed_precision, compile=cfg.compile)
