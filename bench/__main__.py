@@ -59,6 +59,19 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from bench.export import write_csv, write_parquet
+
+    run_dir = _run_dir(args.run_dir)
+    if args.csv is None and args.parquet is None:
+        raise UserError("bench export: say which table to write: --csv [PATH] and/or --parquet [PATH]")
+    if args.parquet is not None:  # first: it is the one that can fail for a missing package
+        print(write_parquet(run_dir, args.parquet or run_dir / "cells.parquet"))
+    if args.csv is not None:
+        print(write_csv(run_dir, args.csv or run_dir / "cells.csv"))
+    return 0
+
+
 def _run_dir(text: str) -> Path:
     """`text` as a run directory (checked here, not as an argparse type, which would swallow the message)."""
     path = Path(text)
@@ -99,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write DIR/report.html")
     report.add_argument("run_dir", help="a run directory (holds results.jsonl)")
     report.set_defaults(func=_cmd_report)
+
+    export = sub.add_parser("export", help="one flat row per cell, the metrics as columns (CSV, Parquet)")
+    export.add_argument("run_dir", help="a run directory (holds results.jsonl)")
+    export.add_argument("--csv", nargs="?", const="", default=None, metavar="PATH",
+                        help="write a CSV table (default path RUN_DIR/cells.csv)")
+    export.add_argument("--parquet", nargs="?", const="", default=None, metavar="PATH",
+                        help="write a Parquet table (default RUN_DIR/cells.parquet; needs pandas and pyarrow)")
+    export.set_defaults(func=_cmd_export)
 
     compare = sub.add_parser("compare", help="compare two runs (exit 1 on regression)", add_help=False)
     compare.set_defaults(func=None)

@@ -322,3 +322,40 @@ def test_closed_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141, err
     assert err == ""
+
+
+def test_export_csv_is_one_flat_row_per_cell(tmp_path, capsys):
+    import csv
+
+    records = make_fake_run(tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--csv", str(tmp_path / "cells.csv")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cells.csv")
+    with open(tmp_path / "cells.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    latest = {r["cell_id"]: r for r in records}
+    assert [row["cell_id"] for row in rows] == list(latest)  # one row per cell, in the file's order
+    for row in rows:
+        record = latest[row["cell_id"]]
+        assert row["status"] == record["status"] and row["reason"] == (record["reason"] or "")
+        for key, value in record["metrics"].items():  # every metric is a column of its own
+            if isinstance(value, float):
+                assert float(row[key]) == pytest.approx(value, rel=1e-12)
+            elif isinstance(value, list):
+                assert json.loads(row[key]) == value
+            elif value is not None:
+                assert row[key] == str(value)
+    failed = next(row for row in rows if row["status"] == "failed")
+    assert failed["quality/fid"] == "" and failed["reason"] == FAILED_REASON
+
+
+def test_export_parquet_without_its_packages_says_what_to_install(tmp_path, capsys, monkeypatch):
+    make_fake_run(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "run"), "--parquet", "--csv"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "pyarrow" in err and "pip install" in err
+    assert not (tmp_path / "run" / "cells.parquet").exists() and not (tmp_path / "run" / "cells.csv").exists()
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "run")])  # no table asked for
+    assert "--csv" in capsys.readouterr().err
