@@ -72,6 +72,13 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_wandb_report(args) -> int:
+    from bench.wandb_report import publish
+
+    print(publish(_run_dir(args.run_dir), args.entity, args.project, args.title))
+    return 0
+
+
 def _run_dir(text: str) -> Path:
     """`text` as a run directory (checked here, not as an argparse type, which would swallow the message)."""
     path = Path(text)
@@ -120,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--parquet", nargs="?", const="", default=None, metavar="PATH",
                         help="write a Parquet table (default RUN_DIR/cells.parquet; needs pandas and pyarrow)")
     export.set_defaults(func=_cmd_export)
+
+    wreport = sub.add_parser("wandb-report", help="publish a W&B Report of a run (needs the wandb-report extra)")
+    wreport.add_argument("run_dir", help="a run directory whose W&B runs are online (bench run --wandb, wandb sync)")
+    wreport.add_argument("--entity", required=True, help="W&B entity (team or user) that owns the project")
+    wreport.add_argument("--project", default="ganbench", help="W&B project of the runs (default ganbench)")
+    wreport.add_argument("--title", default=None, help="report title (default: ganbench <run id>)")
+    wreport.set_defaults(func=_cmd_wandb_report)
 
     compare = sub.add_parser("compare", help="compare two runs (exit 1 on regression)", add_help=False)
     compare.set_defaults(func=None)
