@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import re
 
 import pytest
@@ -134,3 +135,14 @@ def test_show_cli_and_user_error(fake_run, tmp_path, capsys):
         show_main([str(tmp_path / "nowhere")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.startswith("error: no results.jsonl")
+
+
+def test_report_escapes_markup_from_inputs(tmp_path):
+    records = make_fake_run(tmp_path / "run", images=False)
+    hostile = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    lines = [json.dumps({**r, "reason": hostile} if r["status"] != "ok" else {**r, "target": hostile}) + "\n"
+             for r in records]
+    (tmp_path / "run" / "results.jsonl").write_text("".join(lines))
+    text = write_report(tmp_path / "run").read_text()
+    assert "<script" not in text.lower() and "<img src=x" not in text  # no tag made it through
+    assert text.count("&lt;script&gt;alert(") >= 3  # the reasons (table, per-pair lines) and the target, as text
