@@ -179,7 +179,7 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         result = evaluate_generator(accelerator, G, real, real_key, curve_cfg, seed=EVAL_SEED, transform_z=map_latent)
         eval_seconds[0] += time.perf_counter() - t0
         if live is not None:  # main process only: the grid the cell will end with, as it is now
-            live.log_samples(step, _sample_grid(G, map_latent, cfg.latent_dim))
+            live.log_samples(step, lambda: _sample_grid(G, map_latent, cfg.latent_dim))
         return {"fid": result.get("quality/fid")} if "quality/fid" in result else None
 
     result = train(cfg, accelerator, eval_fn=curve_point if m.eval_every else None,
@@ -213,7 +213,8 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
 
 
 def _sample_grid(G, map_latent, latent_dim: int) -> torch.Tensor:
-    """An 8x8 grid of G's samples at fixed latents (seed EVAL_SEED), (3, H, W) in [0, 1], on the CPU."""
+    """An 8x8 grid of G's samples at fixed latents (seed EVAL_SEED), (3, H, W) in [0, 1], on the CPU.
+    Its own generator and G in eval mode: drawing it changes no random stream and no statistic."""
     device = next(G.parameters()).device
     z = torch.randn(64, latent_dim, generator=torch.Generator().manual_seed(EVAL_SEED)).to(device)
     images = G(map_latent(z)).float().clamp(-1, 1) * 0.5 + 0.5

@@ -132,11 +132,12 @@ class LiveCell:
         self.started = time.perf_counter()
         self.last_step = 0
 
-    def _log(self, step: int, values: dict) -> None:
+    def _log(self, step: int, values) -> None:
+        """Log `values` (a dict, or a function making one: its failure is W&B's too) at `step`."""
         def log():
+            row = values() if callable(values) else values
             self.last_step = max(self.last_step, int(step))
-            self.run.log({STEP_KEY: int(step), "timing/cell_wall_s": time.perf_counter() - self.started,
-                          **values})
+            self.run.log({STEP_KEY: int(step), "timing/cell_wall_s": time.perf_counter() - self.started, **row})
 
         self.sink._guarded(f"cell {self.cell_id}", log, count=False)
 
@@ -149,13 +150,17 @@ class LiveCell:
             values = {"curve/fid": values.get("fid"), "curve/fid_wall_s": values.get("wall_s")}
         self._log(row["step"], values)
 
-    def log_samples(self, step: int, grid) -> None:
-        """The sample grid at an evaluation: a float tensor (3, H, W) in [0, 1], or an image path."""
+    def log_samples(self, step: int, make_grid) -> None:
+        """The sample grid at an evaluation. `make_grid()` returns a float tensor (3, H, W) in [0, 1];
+        it runs only while the sink is on, and inside its guard, so it can never fail the cell."""
         if not self.sink.enabled:
             return
-        if not isinstance(grid, (str, os.PathLike)):
-            grid = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-        self._log(step, {"samples": self.wandb.Image(grid, caption=f"{self.cell_id} step {step}")})
+
+        def values():
+            grid = (make_grid().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            return {"samples": self.wandb.Image(grid, caption=f"{self.cell_id} step {step}")}
+
+        self._log(step, values)
 
 
 class WandbSink:
@@ -166,7 +171,7 @@ class WandbSink:
                  "disabled" (writes nothing at all, not even a wandb directory).
         project: W&B project name.
         entity:  W&B entity (team/user); None uses the account default.
-        dir:     where W&B keys its local files (`<dir>/wandb/...`); normally the run dir.
+        dir:     where W&B keeps its local files (`<dir>/wandb/...`); normally the run dir.
     """
 
     def __init__(self, mode: str = "auto", project: str = "ganbench", entity: str | None = None,

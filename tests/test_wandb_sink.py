@@ -453,3 +453,21 @@ def test_summary_and_unrun_cells_keep_their_run_ids(fake_run, wandb_env):
             record = next(u for u in unrun if u["cell_id"] == r["name"])
             assert r["summary"]["reason"] == record["reason"]
             assert r["exit_code"] == (1 if record["status"] == "failed" else 0)
+
+
+@pytest.mark.slow
+def test_wandb_failure_during_a_live_cell_is_one_warning_and_the_cells_go_on(live_run, monkeypatch, capsys):
+    run_dir, ok, failed, run, seen = live_run
+
+    def broken_log(self, *args, **kwargs):
+        raise OSError("disk full while writing history")
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
+    run()
+    records = {r["cell_id"]: r for r in load_records(run_dir)}
+    assert records[ok.id]["status"] == "ok" and records[failed.id]["status"] == "failed"
+    assert records[ok.id]["metrics"]["quality/fid"] > 0 and len(records[ok.id]["curves"]["train"]) == 4
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "disk full" in err
+    [dead] = all_offline_runs(run_dir)  # the first cell's run, closed as failed; then W&B was off
+    assert dead["id"] == wandb_run_id("run-live", ok.id) and dead["exit_code"] == 1
