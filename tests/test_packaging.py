@@ -28,6 +28,6 @@ def test_wheel_installs_ganlib_and_bench_only_with_the_package_version(tmp_path)
         next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
     assert meta["Version"] == ganlib.__version__
     requires = meta.get_all("Requires-Dist")
-    for floor in ("wandb>=0.27", "accelerate>=1.3", "Jinja2>=3.1"):
+    for floor in ("wandb>=0.29", "accelerate>=1.3", "Jinja2>=3.1"):
         assert any(r.replace(" ", "").startswith(floor) for r in requires), (floor, requires)
     assert any("wandb-workspaces" in r and 'extra == "wandb-report"' in r for r in requires)
