@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.wandb_sink import MODES
 from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
 
@@ -61,6 +62,26 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from bench.export import write_csv, write_parquet
+
+    run_dir = _run_dir(args.run_dir)
+    if args.csv is None and args.parquet is None:
+        raise UserError("bench export: say which table to write: --csv [PATH] and/or --parquet [PATH]")
+    if args.parquet is not None:  # first: it is the one that can fail for a missing package
+        print(write_parquet(run_dir, args.parquet or run_dir / "cells.parquet"))
+    if args.csv is not None:
+        print(write_csv(run_dir, args.csv or run_dir / "cells.csv"))
+    return 0
+
+
+def _cmd_wandb_report(args) -> int:
+    from bench.wandb_report import publish
+
+    print(publish(_run_dir(args.run_dir), args.entity, args.project, args.title))
+    return 0
+
+
 def _run_dir(text: str) -> Path:
     """`text` as a run directory (checked here, not as an argparse type, which would swallow the message)."""
     path = Path(text)
@@ -71,6 +92,7 @@ def _run_dir(text: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="bench", description="ganbench: compare GAN transfer strategies.")
+    parser.add_version()
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a matrix (a preset name or a YAML file; default: the default preset)")
@@ -80,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="with --resume: rerun failed cells too")
     run.add_argument("--out", type=Path, default=None, metavar="DIR", help="run directory (default runs/<run id>)")
     run.add_argument("--dry-run", action="store_true", help="list the cells without training")
-    run.add_argument("--wandb", choices=("auto", "online", "offline", "disabled"), default="auto")
-    run.add_argument("--wandb-project", default="ganbench")
-    run.add_argument("--wandb-entity", default=None)
+    run.add_argument("--wandb", choices=MODES, default="auto",
+                     help="W&B mode: auto = online with credentials (WANDB_API_KEY or netrc), else offline")
+    run.add_argument("--wandb-project", default="ganbench", help="W&B project (default ganbench)")
+    run.add_argument("--wandb-entity", default=None, help="W&B entity (team or user); default: the account's")
     run.add_argument("--accelerate-config", type=Path, default=None, metavar="FILE",
                      help="base Accelerate config (e.g. accelerate_config.yaml) that each setup overrides")
     run.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $GANBENCH_CACHE or ~/.cache/ganbench)")
@@ -104,8 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_show)
 
     report = sub.add_parser("report", help="write DIR/report.html")
-    report.add_argument("run_dir")
+    report.add_argument("run_dir", help="a run directory (holds results.jsonl)")
     report.set_defaults(func=_cmd_report)
+
+    export = sub.add_parser("export", help="one flat row per cell, the metrics as columns (CSV, Parquet)")
+    export.add_argument("run_dir", help="a run directory (holds results.jsonl)")
+    export.add_argument("--csv", nargs="?", const="", default=None, metavar="PATH",
+                        help="write a CSV table (default path RUN_DIR/cells.csv)")
+    export.add_argument("--parquet", nargs="?", const="", default=None, metavar="PATH",
+                        help="write a Parquet table (default RUN_DIR/cells.parquet; needs pandas and pyarrow)")
+    export.set_defaults(func=_cmd_export)
+
+    wreport = sub.add_parser("wandb-report", help="publish a W&B Report of a run (needs the wandb-report extra)")
+    wreport.add_argument("run_dir", help="a run directory whose W&B runs are online (bench run --wandb, wandb sync)")
+    wreport.add_argument("--entity", required=True, help="W&B entity (team or user) that owns the project")
+    wreport.add_argument("--project", default="ganbench", help="W&B project of the runs (default ganbench)")
+    wreport.add_argument("--title", default=None, help="report title (default: ganbench <run id>)")
+    wreport.set_defaults(func=_cmd_wandb_report)
 
     compare = sub.add_parser("compare", help="compare two runs (exit 1 on regression)", add_help=False)
     compare.set_defaults(func=None)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from bench.env import environment, host_environment
 from bench.matrix import Cell, Matrix
@@ -102,15 +102,20 @@ def _reason(err: BaseException) -> str:
 
 
 def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str,
-             cache_dir: Path | None = None) -> dict[str, Any]:
-    """Run one cell on every process of the group; returns the same outcome on every process."""
+             cache_dir: Path | None = None, sink=None) -> dict[str, Any]:
+    """Run one cell on every process of the group; returns the same outcome on every process.
+
+    `sink` (a bench.wandb_sink.WandbSink, main process): the cell's W&B run opens here and follows
+    training live; the caller finishes it with `sink.log_cell(record)` once the record is on disk.
+    """
     started = time.perf_counter()
     record = {**identity(matrix, cell, run_id), "status": "ok", "reason": None,
               "config": cell_config(matrix, cell), "env": environment(accelerator)}
+    live = sink.start_cell(record) if sink is not None else None
     cell_dir = run_dir / "cells" / cell.id
     error = ""
     try:
-        metrics, curves, artifacts = _run(accelerator, matrix, cell, run_dir, cell_dir, cache_dir)
+        metrics, curves, artifacts = _run(accelerator, matrix, cell, run_dir, cell_dir, cache_dir, live)
         record.update(metrics=metrics, curves=curves, artifacts=artifacts)
     except Exception as err:  # one cell failing must not stop the matrix
         if isinstance(err, torch.cuda.OutOfMemoryError):
@@ -143,7 +148,7 @@ def _write_log(path: Path, record: dict[str, Any], error: str) -> None:
 
 
 def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
-         cache_dir: Path | None) -> tuple[dict, dict, dict]:
+         cache_dir: Path | None, live=None) -> tuple[dict, dict, dict]:
     fault = _fault(cell, accelerator.process_index)
     if fault == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -189,6 +194,8 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         t0 = time.perf_counter()
         result = evaluate_generator(accelerator, G, real, real_key, curve_cfg, seed=EVAL_SEED, transform_z=map_latent)
         eval_seconds[0] += time.perf_counter() - t0
+        if live is not None:  # main process only: the grid the cell will end with, as it is now
+            live.log_samples(step, lambda: _sample_grid(G, map_latent, cfg.latent_dim))
         return {"fid": result.get("quality/fid")} if "quality/fid" in result else None
 
     def transfer_fidelity(fake: torch.Tensor) -> dict[str, Any]:
@@ -200,7 +207,8 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
             _save_nearest(fake[:NEAREST_SHOWN], shots[fidelity.nearest[:NEAREST_SHOWN]], cell_dir / NEAREST_FILE)
         return fidelity.metrics
 
-    result = train(cfg, accelerator, eval_fn=curve_point if m.eval_every else None)
+    result = train(cfg, accelerator, eval_fn=curve_point if m.eval_every else None,
+                   log_fn=live.log_row if live is not None else None)
     t0 = time.perf_counter()
     quality = evaluate_generator(accelerator, result.generator, real, real_key, final_cfg, seed=EVAL_SEED,
                                  transform_z=result.map_latent, extra=transfer_fidelity)
@@ -236,6 +244,15 @@ def _save_nearest(samples: torch.Tensor, shots: torch.Tensor, path: Path) -> Non
     """Samples (top row) above the training image nearest to each (bottom row), uint8 [k, C, H, W] each."""
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(to_float(torch.cat([samples, shots])) * 0.5 + 0.5, path, nrow=samples.shape[0], padding=1)
+
+
+def _sample_grid(G, map_latent, latent_dim: int) -> torch.Tensor:
+    """An 8x8 grid of G's samples at fixed latents (seed EVAL_SEED), (3, H, W) in [0, 1], on the CPU.
+    Its own generator and G in eval mode: drawing it changes no random stream and no statistic."""
+    device = next(G.parameters()).device
+    z = torch.randn(64, latent_dim, generator=torch.Generator().manual_seed(EVAL_SEED)).to(device)
+    images = G(map_latent(z)).float().clamp(-1, 1) * 0.5 + 0.5
+    return make_grid(images.cpu(), nrow=8, padding=1)
 
 
 _PEAKS: dict[str, float] = {}  # matmul peak FLOP/s per precision, measured once per launch

@@ -2,20 +2,23 @@
 
 Self-contained means: CSS inline, every image a base64 data URI, no script, no external URL of
 any kind (text that contains a scheme is defanged), so the file opens offline and can be mailed.
+The page is Jinja2 with autoescape: templates/report.html (the page) and templates/sections.html
+(one macro per section); values are escaped unless the code hands over Markup.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import html
+import functools
 import math
 import os
 import re
-import string
 from collections import defaultdict
-from importlib import resources
 from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup, escape
 
 from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
@@ -38,11 +41,6 @@ ENV_COMMON = ("python", "torch", "accelerate", "cuda", "git_commit", "hostname")
 ENV_PER_SETUP = ("devices", "device_count", "num_processes", "mixed_precision")
 
 
-def _text(value) -> str:
-    """HTML-escaped text with any `scheme://` defanged, so the file holds no URL at all."""
-    return html.escape(str(value)).replace("://", ":&#47;&#47;")
-
-
 def slug(name: str) -> str:
     """A file-name- and id-safe form of a pair or strategy name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "x"
@@ -50,12 +48,6 @@ def slug(name: str) -> str:
 
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
-
-
-def _img(path: Path | None, alt: str, cls: str = "") -> str:
-    if path is None or not path.is_file():
-        return f'<div class="missing">({_text(alt)}: image missing)</div>'
-    return f'<img src="{_data_uri(path)}" alt="{_text(alt)}"{f" class={cls!r}" if cls else ""}>'
 
 
 # --- plots ---------------------------------------------------------------------------------
@@ -241,14 +233,13 @@ def plot_transfer(run_dir: Path, pair: str, records: list[dict], colors: dict) -
     return out
 
 
-def _transfer_panel(run_dir: Path, sid: str, records: list[dict], plots: dict[str, Path]) -> str:
+def _transfer_panel(run_dir: Path, sid: str, records: list[dict], plots: dict[str, Path]) -> Markup:
     """The pair's "did it transfer" section: reasons for absent metrics, the plots, nearest shots."""
     ok = sorted((r for r in records if r["status"] == "ok"), key=lambda r: r["seed"])
     reasons = ordered_unique((r.get("metrics") or {}).get(k) for r in ok
                              for k in ("transfer/class_metrics_reason", "transfer/fewshot_reason",
                                        "transfer/memorisation_reason", "transfer/diversity_reason"))
-    notes = "".join(f'<p class="note">Not measured: {_text(reason)}.</p>' for reason in reasons if reason)
-    spaces = ordered_unique((r.get("metrics") or {}).get("transfer/diversity_space") for r in ok)
+    spaces = [s for s in ordered_unique((r.get("metrics") or {}).get("transfer/diversity_space") for r in ok) if s]
     figs = []
     for strategy in ordered_unique(r["strategy"] for r in records):
         cell = next((r for r in ok if r["strategy"] == strategy and (r.get("artifacts") or {}).get("nearest")), None)
@@ -258,24 +249,13 @@ def _transfer_panel(run_dir: Path, sid: str, records: list[dict], plots: dict[st
         facts = [f"{label} {m[key]:.2f}" for key, label in (("transfer/target_class_share", "target classes"),
                                                            ("transfer/memorised_share", "memorised"))
                  if isinstance(m.get(key), (int, float))]
-        figs.append(f"<figure>{_img(run_dir / cell['artifacts']['nearest'], cell['cell_id'])}"
-                    f"<figcaption><b>{_text(strategy)}</b> · {_text(cell['setup'])} · seed {cell['seed']}"
-                    f"<br>{_text(' · '.join(facts))}</figcaption></figure>")
-    if not (notes or plots or figs):
-        return ""
-    html_parts = [f'<h3 id="{sid}-transfer">Did it transfer?</h3>',
-                  '<p class="subtitle">Share of samples the classifier puts in the target classes and how '
-                  "evenly they cover them; memorised share = samples closer to a training shot than 95% of "
-                  "held-out real target images are (a copier: ~1, new images: ~0.05); diversity = CDC's "
-                  "intra-cluster distance" + (f" in {_text(', '.join(s for s in spaces if s))}" if any(spaces)
-                                              else "") + ".</p>", notes]
-    if plots:
-        html_parts.append('<div class="grid2">' + "".join(
-            f'<div class="half">{_figure(path, kind)}</div>' for kind, path in plots.items()) + "</div>")
-    if figs:
-        html_parts.append("<h4>Samples (top) above their nearest training shots (bottom)</h4>"
-                          f"<div class='samples nearest'>{''.join(figs)}</div>")
-    return "".join(html_parts)
+        figs.append({"uri": _uri(run_dir / cell["artifacts"]["nearest"]), "cell_id": cell["cell_id"],
+                     "strategy": strategy, "setup": cell["setup"], "seed": cell["seed"], "facts": " · ".join(facts)})
+    reasons = [r for r in reasons if r]
+    if not (reasons or plots or figs):
+        return Markup("")
+    return _macro("transfer_panel")(sid, reasons, ", ".join(spaces),
+                                    [(kind, _uri(path)) for kind, path in plots.items()], figs)
 
 
 def _mean_curve(cells: list[dict], curve: str, key: str) -> tuple[list[int], list[float]]:
@@ -291,46 +271,61 @@ def _mean_curve(cells: list[dict], curve: str, key: str) -> tuple[list[int], lis
 
 
 # --- HTML ----------------------------------------------------------------------------------
+# Each section is a macro of templates/sections.html rendered with autoescape; the functions below
+# gather its data and return Markup. A new panel is one macro and one function, appended to `parts`.
 
-def _stat_cell(stat: Stat | None, spec: str, best: bool = False) -> str:
-    if stat is None:
-        return '<td class="num">–</td>'
-    sd = f' <span class="sd">± {stat.std:{spec}}</span>' if stat.std is not None else ""
-    return (f'<td class="num{" best" if best else ""}">{stat.mean:{spec}}{sd}'
-            f'<span class="n">n={stat.n}</span></td>')
+def _defang(value) -> Markup:
+    """Every value a template prints: escaped, with any `scheme://` defanged (so the file holds no URL);
+    Markup (a macro's output, a data URI) is already HTML and passes as it is."""
+    if isinstance(value, Markup):
+        return value
+    return Markup(str(escape(value)).replace("://", ":&#47;&#47;"))
 
 
-def _env_block(records: list[dict]) -> str:
-    rows = []
-    for key in ENV_COMMON:
-        values = ordered_unique(str((r.get("env") or {}).get(key)) for r in records)
-        rows.append(f"<tr><th>{key}</th><td class='mono'>{_text(', '.join(values))}</td></tr>")
-    extractors = ordered_unique((r.get("metrics") or {}).get("quality/extractor")
-                                for r in records if r["status"] == "ok")
-    extractors = [e for e in extractors if e]
+@functools.cache
+def _templates() -> Environment:
+    env = Environment(loader=PackageLoader("bench", "templates"), autoescape=select_autoescape(["html"]),
+                      undefined=StrictUndefined, finalize=_defang, trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = format  # {{ x|fmt(".2f") }}
+    return env
+
+
+def _macro(name: str):
+    """A section macro of templates/sections.html; calling it returns Markup."""
+    return getattr(_templates().get_template("sections.html").module, name)
+
+
+def _uri(path: Path | None) -> Markup | None:
+    """A PNG as a data URI (Markup: base64 needs no escaping), None when the file is missing."""
+    return Markup(_data_uri(path)) if path is not None and path.is_file() else None
+
+
+def _img(path: Path | None, alt: str, cls: str = "") -> Markup:
+    return _macro("img")(_uri(path), alt, cls)
+
+
+def _stat_cell(stat: Stat | None, spec: str, best: bool = False) -> Markup:
+    return _macro("stat_cell")(stat, spec, best)
+
+
+def _env_block(records: list[dict]) -> Markup:
+    common = [(key, ", ".join(ordered_unique(str((r.get("env") or {}).get(key)) for r in records)))
+              for key in ENV_COMMON]
+    extractors = [e for e in ordered_unique((r.get("metrics") or {}).get("quality/extractor")
+                                            for r in records if r["status"] == "ok") if e]
     samples = ordered_unique((r.get("metrics") or {}).get("quality/num_samples")
                              for r in records if r["status"] == "ok")
-    rows.append(f"<tr><th>FID extractor</th><td class='mono'>{_text(', '.join(extractors) or '?')}"
-                f" ({_text(', '.join(str(s) for s in samples if s))} samples)</td></tr>")
-    setup_rows = []
+    setups = []
     for setup in ordered_unique(r["setup"] for r in records):
         env = next((r.get("env") or {}) for r in records if r["setup"] == setup)
-        values = [", ".join(map(str, v)) if isinstance(v, list) else v
-                  for v in (env.get(k) for k in ENV_PER_SETUP)]
-        setup_rows.append(f"<tr><td>{_text(setup)}</td>"
-                          + "".join(f"<td class='mono'>{_text(v)}</td>" for v in values) + "</tr>")
-    note = ""
-    if any(not str(e).lower().startswith("inception") for e in extractors):
-        note = ('<p class="note"><b>Note:</b> FID and KID here use the embedded extractor '
-                f"<code>{_text(', '.join(extractors))}</code>, not Inception-v3. They rank "
-                "strategies within this report but are <b>not comparable to Inception FID</b> "
-                "values from papers or other tools.</p>")
-    return (f'<h2 id="environment">Environment</h2>{note}<table class="kv">{"".join(rows)}</table>'
-            "<table><thead><tr><th>setup</th>" + "".join(f"<th>{k}</th>" for k in ENV_PER_SETUP)
-            + f"</tr></thead><tbody>{''.join(setup_rows)}</tbody></table>")
+        setups.append((setup, [", ".join(map(str, v)) if isinstance(v, list) else v
+                               for v in (env.get(k) for k in ENV_PER_SETUP)]))
+    note = any(not str(e).lower().startswith("inception") for e in extractors)
+    return _macro("env_block")(common, ", ".join(extractors), ", ".join(str(s) for s in samples if s),
+                               ENV_PER_SETUP, setups, note)
 
 
-def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict) -> str:
+def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict) -> Markup:
     strategies = ordered_unique(r["strategy"] for r in records)
     setups = ordered_unique(r["setup"] for r in records)
     best_fid = {}
@@ -338,79 +333,58 @@ def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict) -> st
         fids = [(stats[(pair, st, setup)]["quality/fid"].mean, st) for st in strategies
                 if "quality/fid" in stats.get((pair, st, setup), {})]
         best_fid[setup] = min(fids)[1] if fids else None
-    head = "".join(f"<th>{_text(h)}</th>" for h, _, _ in TABLE_COLUMNS)
-    body = []
+    rows = []
     for strategy in strategies:
         for setup in setups:
             key = (pair, strategy, setup)
             if key not in counts:
                 continue
             per = stats.get(key, {})
-            cells = "".join(_stat_cell(per.get(k), spec, k == "quality/fid"
-                                       and best_fid[setup] == strategy)
-                            for _, k, spec in TABLE_COLUMNS)
-            body.append(f"<tr><td>{_text(strategy)}</td><td>{_text(setup)}</td>{cells}"
-                        f"<td>{_text(format_counts(counts[key]))}</td></tr>")
-    return (f"<table><thead><tr><th>strategy</th><th>setup</th>{head}<th>cells</th></tr></thead>"
-            f"<tbody>{''.join(body)}</tbody></table>"
-            '<p class="subtitle">Each value: mean ± sample std over seeds of the ok cells, '
-            "with n. "
-            "Best FID per setup in green.</p>")
+            cells = [{"stat": per.get(k), "spec": spec,
+                      "best": k == "quality/fid" and best_fid[setup] == strategy} for _, k, spec in TABLE_COLUMNS]
+            rows.append({"strategy": strategy, "setup": setup, "cells": cells,
+                         "counts": format_counts(counts[key])})
+    return _macro("pair_table")([h for h, _, _ in TABLE_COLUMNS], rows)
 
 
-def _samples(run_dir: Path, records: list[dict]) -> str:
+def _samples(run_dir: Path, records: list[dict]) -> Markup:
     """Per setup: the target's real images first, then each strategy's lowest-seed ok cell."""
-    rows = []
+    setups = []
     for setup in ordered_unique(r["setup"] for r in records):
         ok = sorted((r for r in records if r["setup"] == setup and r["status"] == "ok"),
                     key=lambda r: r["seed"])
         if not ok:
             continue
         real = (ok[0].get("artifacts") or {}).get("real")
-        figs = [f'<figure class="real">{_img(run_dir / real if real else None, "real")}'
-                f"<figcaption>target real images<br>{_text(ok[0]['target'])}</figcaption></figure>"]
+        figures = []
         for strategy in ordered_unique(r["strategy"] for r in records):
             cell = next((r for r in ok if r["strategy"] == strategy), None)
             if cell is None:
                 continue
             path = (cell.get("artifacts") or {}).get("samples")
             fid = (cell.get("metrics") or {}).get("quality/fid")
-            fid_text = f"FID {fid:.2f}" if isinstance(fid, (int, float)) else "FID –"
-            figs.append(f"<figure>{_img(run_dir / path if path else None, cell['cell_id'])}"
-                        f"<figcaption><b>{_text(strategy)}</b> · seed {cell['seed']} · "
-                        f"{fid_text}</figcaption></figure>")
-        rows.append(f"<h4>{_text(setup)}</h4><div class='samples'>{''.join(figs)}</div>")
-    return "".join(rows)
+            figures.append({"uri": _uri(run_dir / path if path else None), "cell_id": cell["cell_id"],
+                            "strategy": strategy, "seed": cell["seed"],
+                            "fid": f"FID {fid:.2f}" if isinstance(fid, (int, float)) else "FID –"})
+        setups.append({"name": setup, "real": _uri(run_dir / real if real else None),
+                       "target": ok[0]["target"], "figures": figures})
+    return _macro("samples")(setups)
 
 
-def _verdict_html(v: Verdict) -> str:
-    cls = {True: "sig", False: "nosig"}.get(v.significant, "")
-    versus = f'<br><span class="sd">{_text(v.versus_text)}</span>' if v.versus_text else ""
-    return f'<p class="verdict {cls}">{_text(v.text)}{versus}</p>'
+def _verdict_html(v: Verdict) -> Markup:
+    return _macro("verdict")(v)
 
 
-def _figure(path: Path, alt: str) -> str:
-    return f'<figure class="plot">{_img(path, alt)}</figure>'
+def _figure(path: Path, alt: str) -> Markup:
+    return _macro("figure")(_uri(path), alt)
 
 
-def _not_ok_lines(records: list[dict]) -> str:
-    return "".join(f'<p class="not-ok"><span class="status-{_text(r["status"])}">'
-                   f"{_text(r['status'])}</span> <code>{_text(r['cell_id'])}</code>: "
-                   f"{_text(r.get('reason') or 'no reason recorded')}</p>" for r in not_ok(records))
+def _not_ok_lines(records: list[dict]) -> Markup:
+    return _macro("not_ok_lines")(not_ok(records))
 
 
-def _not_ok_table(records: list[dict]) -> str:
-    bad = not_ok(records)
-    if not bad:
-        return '<h2 id="failed-skipped">Failed and skipped cells</h2><p>None: every cell ran.</p>'
-    rows = "".join(
-        f"<tr><td class='mono'>{_text(r['cell_id'])}</td><td>{_text(r['pair'])}</td>"
-        f"<td>{_text(r['strategy'])}</td><td>{_text(r['setup'])}</td><td>{r['seed']}</td>"
-        f"<td class='status-{_text(r['status'])}'>{_text(r['status'])}</td>"
-        f"<td class='wrap'>{_text(r.get('reason') or 'no reason recorded')}</td></tr>" for r in bad)
-    return ('<h2 id="failed-skipped">Failed and skipped cells</h2><table><thead><tr><th>cell</th>'
-            "<th>pair</th><th>strategy</th><th>setup</th><th>seed</th><th>status</th>"
-            f"<th>reason</th></tr></thead><tbody>{rows}</tbody></table>")
+def _not_ok_table(records: list[dict]) -> Markup:
+    return _macro("not_ok_table")(not_ok(records))
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:
@@ -427,52 +401,24 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     pairs = group_by_pair(records)
     total = {s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "skipped")}
 
-    toc = "".join(f'<a href="#pair-{slug(p)}">{_text(p)}</a>' for p in pairs)
-    parts = [f'<header class="top" id="overview"><h1>ganbench report · {_text(run_id)}</h1>'
-             f'<p class="subtitle">matrix <b>{_text(matrix)}</b> · {len(records)} cells: '
-             f"{total['ok']} ok, {total['failed']} failed, {total['skipped']} skipped · "
-             f"{len(pairs)} pairs · {len(strategies)} strategies</p>"
-             f'<nav class="toc"><a href="#environment">environment</a>'
-             f'<a href="#verdicts">verdicts</a>{toc}<a href="#failed-skipped">failed/skipped</a>'
-             "</nav></header>"]
-    parts.append(_env_block(records) if records else "")
-    parts.append('<h2 id="verdicts">Verdicts</h2>' + "".join(map(_verdict_html, verdict_list)))
+    parts = [_macro("header")(run_id, matrix, len(records), total, [(p, f"pair-{slug(p)}") for p in pairs],
+                              len(strategies))]
+    parts.append(_env_block(records) if records else Markup())
+    parts.append(_macro("verdicts")(verdict_list))
     for pair, pair_records in pairs.items():
-        sid = f"pair-{slug(pair)}"
         plots = plot_pair(run_dir, pair, pair_records, colors)
+        sid = f"pair-{slug(pair)}"
         transfer = _transfer_panel(run_dir, sid, pair_records, plot_transfer(run_dir, pair, pair_records, colors))
-        first = pair_records[0]
-        parts.append(
-            f'<section id="{sid}"><h2>{_text(pair)}</h2><p class="subtitle">'
-            f"{_text(first['source'])} → {_text(first['target'])} · {_text(first['network'])} "
-            f"{first['size']}px</p>"
-            f'<h3 id="{sid}-verdict">Verdict</h3>'
-            + "".join(_verdict_html(v) for v in verdict_list if v.pair == pair)
-            + f'<h3 id="{sid}-table">Results by strategy and setup</h3>'
-            + _pair_table(pair, pair_records, stats, counts) + _not_ok_lines(pair_records)
-            + (f'<p class="subtitle">{_text(concurrency_note(pair_records))}</p>'
-               if concurrency_note(pair_records) else "")
-            + transfer
-            + '<div class="grid2">'
-            + f'<div class="half"><h3 id="{sid}-fid">FID by strategy</h3>'
-            + _figure(plots["fid"], "FID bars") + "</div>"
-            + f'<div class="half"><h3 id="{sid}-cost">Cost vs quality</h3>'
-            + _figure(plots["cost"], "FID against device-seconds") + "</div></div>"
-            + f'<h3 id="{sid}-throughput">Throughput and memory by setup</h3>'
-            + _figure(plots["throughput"], "throughput and memory bars")
-            + f'<h3 id="{sid}-curves">Training curves</h3>' + _figure(plots["curves"], "curves")
-            + f'<h3 id="{sid}-samples">Samples</h3>' + _samples(run_dir, pair_records)
-            + "</section>")
+        parts.append(_macro("pair_section")(
+            pair, sid, pair_records[0], [v for v in verdict_list if v.pair == pair],
+            _pair_table(pair, pair_records, stats, counts), _not_ok_lines(pair_records),
+            concurrency_note(pair_records), transfer,
+            {kind: _uri(path) for kind, path in plots.items()}, _samples(run_dir, pair_records)))
     parts.append(_not_ok_table(records))
     matrix_file = run_dir / "matrix.yaml"
     if matrix_file.is_file():
-        parts.append(f"<details><summary>Resolved matrix (matrix.yaml)</summary>"
-                     f"<pre>{_text(matrix_file.read_text())}</pre></details>")
-    parts.append("<footer>Written by ganbench from results.jsonl; the JSONL file is the record."
-                 "</footer>")
-    template = string.Template(
-        resources.files("bench").joinpath("templates/report.html").read_text(encoding="utf-8"))
-    page = template.substitute(title=_text(f"ganbench · {run_id}"), body="\n".join(parts))
+        parts.append(_macro("matrix_details")(matrix_file.read_text()))
+    page = _templates().get_template("report.html").render(title=f"ganbench · {run_id}", parts=parts)
     out = run_dir / REPORT_FILE
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")

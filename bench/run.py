@@ -500,7 +500,8 @@ def finish(run_dir: Path, run_id: str, cells: list[Cell], wandb_mode: str, wandb
         report = write_report(run_dir)
     print(format_table(records), flush=True)
     with WandbSink(mode=wandb_mode, project=wandb_project, entity=wandb_entity, dir=run_dir) as sink:
-        sink.log_summary(run_id, records, plot_paths(run_dir))
+        sink.log_unrun_cells(records)
+        sink.log_summary(run_id, records, plot_paths(run_dir), run_dir)
     latest = {r["cell_id"]: r["status"] for r in records}
     failed = sorted(cid for cid, status in latest.items() if status == "failed")
     skipped = sorted(cid for cid, status in latest.items() if status == "skipped")

@@ -134,7 +134,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
         t0 = time.perf_counter()
         if accelerator.is_main_process:  # so `bench run` can tell which cell a dead launch was running
             (run_dir / "launch" / f"{name}.current").write_text(cell.id)
-        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir)
+        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir, sink=sink)
         record["metrics"][CONCURRENCY] = 1  # a launch of its own: multi-process setups run alone
         durations.append(time.perf_counter() - t0)
         if accelerator.is_main_process:
@@ -164,7 +164,7 @@ def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: s
     ran = 0
     for line in (sys.stdin if lines is None else lines):
         cell = cells[line.strip()]
-        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir)
+        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir, sink=sink)
         record["metrics"][CONCURRENCY] = concurrency
         append_record(run_dir, record)
         print(DONE_MARK + json.dumps({"cell": cell.id, "status": record["status"], "summary": summary(record)}),
@@ -179,12 +179,12 @@ def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: s
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run one setup's cells (started by `bench run`)")
-    parser.add_argument("--run-dir", required=True, type=Path)
-    parser.add_argument("--setup", default=None)
-    parser.add_argument("--wandb", default="disabled")
-    parser.add_argument("--wandb-project", default="ganbench")
-    parser.add_argument("--wandb-entity", default=None)
-    parser.add_argument("--cache-dir", default=None, type=Path)
+    parser.add_argument("--run-dir", required=True, type=Path, help="the run directory `bench run` planned")
+    parser.add_argument("--setup", default=None, help="run this setup's cells (default: every planned cell)")
+    parser.add_argument("--wandb", default="disabled", help="W&B mode (auto, online, offline, disabled)")
+    parser.add_argument("--wandb-project", default="ganbench", help="W&B project")
+    parser.add_argument("--wandb-entity", default=None, help="W&B entity (team or user)")
+    parser.add_argument("--cache-dir", default=None, type=Path, help="cache root (default $GANBENCH_CACHE)")
     parser.add_argument("--name", default=None, help="file stem of this launch under launch/")
     parser.add_argument("--shard", default=None, help="i/n: only that shard's cells")
     parser.add_argument("--serve", action="store_true", help="a pool worker: run the cell ids read on stdin")

@@ -20,8 +20,11 @@ A baseline measured on another device, or with another thread count, allocator m
 calibration kernel is refused; another torch/CUDA version is reported but compared.
 
     python -m benchmarks.gate BASELINE.json NEW.json [--tolerance 0.10] [--max-spread 0.07] [--regressed-ids F]
+                              [--confirmed RERUN.json] [--wandb MODE --wandb-dir DIR]
 Exit code: 0 no regression, 1 regression (named), 2 unusable input. scripts/nightly.sh reruns the
-benchmarks named in --regressed-ids in a fresh process and fails only on regressions that reproduce.
+benchmarks named in --regressed-ids in a fresh process and fails only on regressions that reproduce;
+`--confirmed RERUN.json` applies that rerun (a flagged benchmark it does not confirm is NOT_REPRODUCED),
+and `--wandb` logs the table and the verdict as a `perf-gate` run in the `perf-gate` group.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.wandb_sink import MODES
 from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
 
@@ -50,7 +54,7 @@ class Row:
     change: float        # new / base - 1 (positive = slower)
     raw_change: float    # the same for the raw medians (seconds on the run's clock)
     spread: float        # the larger spread of the two runs
-    verdict: str         # OK | REGRESSED | IMPROVED | UNSTABLE | NEW | MISSING
+    verdict: str         # OK | REGRESSED | IMPROVED | UNSTABLE | NEW | MISSING | NOT_REPRODUCED
     tolerance: float     # the tolerance applied: the gate's, or the benchmark's own when wider
 
     @property
@@ -189,7 +193,10 @@ def format_rows(rows: list[Row], tolerance: float, max_spread: float) -> str:
                      f"{r.spread:7.1%}  {r.tolerance:4.0%}  {r.verdict}")
     regressed = [r for r in rows if r.verdict == "REGRESSED"]
     unstable = [r.name for r in rows if r.verdict == "UNSTABLE"]
-    kernel_only = [r.name for r in rows if r.verdict != "REGRESSED" and r.change > r.threshold]
+    kernel_only = [r.name for r in rows if r.verdict not in ("REGRESSED", "NOT_REPRODUCED") and r.change > r.threshold]
+    not_reproduced = [r.name for r in rows if r.verdict == "NOT_REPRODUCED"]
+    if not_reproduced:
+        lines.append("flagged, but not reproduced in a fresh process (noise): " + ", ".join(not_reproduced))
     if kernel_only:
         lines.append("slower in calibration units only, raw time within tolerance (not a regression): "
                      + ", ".join(kernel_only))
@@ -205,6 +212,32 @@ def format_rows(rows: list[Row], tolerance: float, max_spread: float) -> str:
     return "\n".join(lines)
 
 
+def apply_confirmation(rows: list[Row], rerun: list[Row]) -> list[Row]:
+    """`rows` with each REGRESSED benchmark that the rerun (a fresh process) does not find
+    REGRESSED marked NOT_REPRODUCED: the nightly's final verdict, one row per benchmark."""
+    confirmed = {r.name for r in rerun if r.verdict == "REGRESSED"}
+    return [Row(**{**vars(r), "verdict": "NOT_REPRODUCED"}) if r.verdict == "REGRESSED" and r.name not in confirmed
+            else r for r in rows]
+
+
+def log_to_wandb(rows: list[Row], warnings: list[str], args) -> bool:
+    """Mirror the gate's table and verdict into W&B as a `perf-gate` run (named after NEW's folder,
+    so logging one night twice updates its run); W&B failures are one warning, never the exit code."""
+    from bench.wandb_sink import WandbSink
+
+    table = [{**vars(r), "threshold": r.threshold} for r in rows]
+    regressed = [r.name for r in rows if r.verdict == "REGRESSED"]
+    night = Path(args.new).resolve().parent.name
+    summary = {"verdict": "REGRESSED" if regressed else "OK", "regressed": ", ".join(regressed),
+               "benchmarks": len(rows), "warnings": "; ".join(warnings)}
+    config = {"baseline": str(args.baseline), "new": str(args.new), "confirmed": str(args.confirmed or ""),
+              "tolerance": args.tolerance, "max_spread": args.max_spread, **setup_of(load(args.new))}
+    sink = WandbSink(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
+                     dir=args.wandb_dir or Path(args.new).resolve().parent)
+    with sink:
+        return sink.log_perf_gate(night, table, summary, config)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """`python -m benchmarks.gate BASE NEW`: print the report; 0 no regression, 1 regression, 2 bad input."""
@@ -217,8 +250,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare runs measured on another device/threads/clock/kernel (warns instead)")
     parser.add_argument("--regressed-ids", type=Path, metavar="PATH",
                         help="write the pytest node ids of the regressed benchmarks there (one a line), to rerun them")
+    parser.add_argument("--confirmed", type=Path, metavar="RERUN.json",
+                        help="the flagged benchmarks rerun in a fresh process: only regressions it confirms count")
+    parser.add_argument("--wandb", choices=MODES, default="disabled",
+                        help="log the table and verdict as a perf-gate W&B run (auto: online with credentials)")
+    parser.add_argument("--wandb-project", default="ganbench", help="W&B project of the perf-gate run")
+    parser.add_argument("--wandb-entity", default=None, help="W&B entity (team or user); default: the account's")
+    parser.add_argument("--wandb-dir", type=Path, default=None, metavar="DIR",
+                        help="where W&B keeps its local files (default: NEW's folder)")
     args = parser.parse_args(argv)
     rows, warnings = compare(args.baseline, args.new, args.tolerance, args.max_spread, args.allow_device_mismatch)
+    if args.confirmed:
+        rerun, _ = compare(args.baseline, args.confirmed, args.tolerance, args.max_spread, args.allow_device_mismatch)
+        rows = apply_confirmation(rows, rerun)
     for warning in warnings:
         print(f"warning: {warning}")
     print(format_rows(rows, args.tolerance, args.max_spread))
@@ -226,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.regressed_ids:
         ids = node_ids(load(args.new))
         args.regressed_ids.write_text("".join(f"{ids.get(name, name)}\n" for name in regressed))
+    if args.wandb != "disabled":
+        log_to_wandb(rows, warnings, args)
     return 1 if regressed else 0
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import inspect
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +16,7 @@ from ganlib.errors import UserError
 
 
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+MIXED_PRECISIONS = ("", "no", "bf16", "fp16")  # "" = whatever `accelerate launch` configured
 
 
 @dataclass
@@ -68,7 +72,7 @@ class TrainConfig:
             raise UserError(f"channels={self.channels} must be 1, 3 or 0 (the dataset's own)")
         if self.memory_format not in MEMORY_FORMATS:
             raise UserError(f"memory_format={self.memory_format!r} must be one of {', '.join(MEMORY_FORMATS)}")
-        if self.mixed_precision not in ("", "no", "bf16", "fp16"):
+        if self.mixed_precision not in MIXED_PRECISIONS:
             raise UserError(f"mixed_precision={self.mixed_precision!r} must be one of no, bf16, fp16")
         if not 0.0 <= self.ema_decay < 1.0:
             raise UserError(f"ema_decay={self.ema_decay} must be in [0, 1)")
@@ -119,6 +123,12 @@ def _check_types(cfg: TrainConfig) -> None:
 class ArgumentParser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one-line UserErrors (exit code 2, no usage dump)."""
 
+    def add_version(self) -> None:
+        """`--version`: the package version (ganlib.__version__, which pyproject.toml reads too)."""
+        from ganlib import __version__
+
+        self.add_argument("--version", action="version", version=f"%(prog)s (ganbench) {__version__}")
+
     def error(self, message: str):
         raise UserError(f"{message}; see --help")
 
@@ -133,23 +143,52 @@ def _parse_options(items: list[str], flag: str = "--strategy-opt", example: str 
     return options
 
 
+_FIELD_COMMENT = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
+
+
+@functools.cache
+def field_docs(cls: type = TrainConfig) -> dict[str, str]:
+    """Each field's documentation: the comment on its line in the class source (the one place it is
+    written), as the CLI's help text. Read once per class."""
+    source = inspect.getsource(cls)
+    docs = {m.group(1): m.group(2).strip() for m in map(_FIELD_COMMENT.match, source.splitlines()) if m}
+    return {f.name: docs.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """The fields with a fixed set of values: registry names (read from the registries) and enums."""
+    from ganlib.losses import LOSSES
+    from ganlib.nets import NETWORKS
+    from ganlib.strategies import STRATEGIES
+
+    return {"net": tuple(NETWORKS.names()), "loss": tuple(LOSSES.names()),
+            "strategy": tuple(STRATEGIES.names()), "memory_format": MEMORY_FORMATS,
+            "mixed_precision": MIXED_PRECISIONS}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one --flag per TrainConfig field (underscores become dashes)."""
+    """Add one --flag per TrainConfig field (underscores become dashes), its comment as help text."""
     hints = typing.get_type_hints(TrainConfig)
     defaults = TrainConfig()
+    docs, choices = field_docs(TrainConfig), field_choices()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         typ = hints[f.name]
         if f.name == "strategy_options":
             parser.add_argument("--strategy-opt", action="append", default=[], metavar="NAME=VALUE",
-                                help="strategy option, repeatable (e.g. layers=2)")
+                                help="strategy option, repeatable (e.g. layers=2; see docs/strategies.md)")
         elif f.name == "augment_options":
             parser.add_argument("--augment-opt", action="append", default=[], metavar="NAME=VALUE",
-                                help="augmentation option, repeatable (e.g. target=0.6)")
+                                help="augmentation option, repeatable (e.g. target=0.6; see docs/strategies.md)")
         elif typ is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name))
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=getattr(defaults, f.name),
+                                help=docs[f.name])
+        elif f.name in choices:
+            parser.add_argument(flag, type=typ, default=getattr(defaults, f.name), choices=choices[f.name],
+                                metavar="{" + ",".join(c or "''" for c in choices[f.name]) + "}",
+                                help=docs[f.name])
         else:
-            parser.add_argument(flag, type=typ, default=getattr(defaults, f.name))
+            parser.add_argument(flag, type=typ, default=getattr(defaults, f.name), help=docs[f.name])
 
 
 def from_arguments(args: argparse.Namespace) -> TrainConfig:

@@ -53,6 +53,10 @@ class TrainingDiverged(RuntimeError):
 
 # An evaluation hook: (step, generator in eval mode, latent mapping) -> metrics dict or None.
 EvalFn = Callable[[int, nn.Module, Callable[[torch.Tensor], torch.Tensor]], "dict[str, Any] | None"]
+# A log hook: (curve name "train" or "fid", the row just appended to that curve). Called on every
+# process as the rows come (losses every log_every steps, FID at each evaluation), so a caller can
+# stream them (bench sends them to a live W&B run) without the library knowing where they go.
+LogFn = Callable[[str, "dict[str, Any]"], None]
 
 
 @dataclass
@@ -187,10 +191,11 @@ class Trainer:
     checkpoint when resuming. Every process must construct it and call the same methods.
     """
 
-    def __init__(self, cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None):
+    def __init__(self, cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None,
+                 log_fn: LogFn | None = None):
         cfg.validate()
         self.wall_start = time.perf_counter()
-        self.cfg, self.eval_fn = cfg, eval_fn
+        self.cfg, self.eval_fn, self.log_fn = cfg, eval_fn, log_fn
         accelerator = self.accelerator = accelerator or make_accelerator(cfg.mixed_precision, compile=cfg.compile)
         device, rank, world = self.device, self.rank, self.world = (accelerator.device, accelerator.process_index,
                                                                       accelerator.num_processes)
@@ -351,6 +356,8 @@ class Trainer:
         gen.train(was_training)
         if result is not None:
             self.fid_curve.append({"step": step, "wall_s": round(self.train_seconds, 3), **result})
+            if self.log_fn is not None:
+                self.log_fn("fid", self.fid_curve[-1])
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
         """One training step (D phase, G phase, as the strategy plans); returns its losses, on the device."""
@@ -450,6 +457,8 @@ class Trainer:
             if done % cfg.log_every == 0 or done == cfg.steps:
                 self.train_curve.append(_read_logs(accelerator, self.pending, done))
                 self.pending = []
+                if self.log_fn is not None:
+                    self.log_fn("train", self.train_curve[-1])
                 bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in self.train_curve[-1].items()
                                  if k.startswith("loss/")}, refresh=False)
             clock.stop()
@@ -544,13 +553,14 @@ def refuse_existing_out(out: Path, resume: bool, overwrite: bool) -> None:
                             "continue it, --overwrite to write over it, or choose another --out")
 
 
-def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None) -> TrainResult:
+def train(cfg: TrainConfig, accelerator=None, *, eval_fn: EvalFn | None = None,
+          log_fn: LogFn | None = None) -> TrainResult:
     """Train G and D per `cfg` on this process group; every process must call it.
 
-    Writes to `cfg.out` (main process): final weights as safetensors, `samples.png`, `metrics.json`,
+    `log_fn(curve, row)` sees each curve row as it is appended (see LogFn). Writes to `cfg.out` (main process): final weights as safetensors, `samples.png`, `metrics.json`,
     and `checkpoint/` every `ckpt_every` steps and at the end. Returns the same metrics everywhere.
     """
-    return Trainer(cfg, accelerator, eval_fn=eval_fn).run()
+    return Trainer(cfg, accelerator, eval_fn=eval_fn, log_fn=log_fn).run()
 
 
 def _read_logs(accelerator, pending: list[dict[str, torch.Tensor]], step: int) -> dict[str, Any]:
@@ -586,8 +596,9 @@ def _write_outputs(out: Path, accelerator, G, D, extras, ema, gen, map_latent, f
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="python -m ganlib.train", description=__doc__.split("\n\n")[0],
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_version()
     add_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --out that already holds files (without --resume)")

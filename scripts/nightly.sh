@@ -13,7 +13,8 @@
 #   NIGHTLY_OUT         output directory (default runs/nightly-<date>-<time>)
 #   NIGHTLY_BENCH_K     pytest -k filter for the benchmarks (the calibration benchmark always runs)
 #   NIGHTLY_MATRIX      matrix to run (default nightly; "none" skips the matrix)
-#   NIGHTLY_WANDB       W&B mode for the matrix (default auto: online with credentials, else offline)
+#   NIGHTLY_WANDB       W&B mode for the matrix and the perf-gate run (default auto: online with credentials,
+#                       else offline)
 #   NIGHTLY_TOLERANCE   normalised benchmark slowdown that fails (default 0.10)
 #   NIGHTLY_BASELINE_RUNS  suite runs a baseline takes each benchmark's median of (default 3)
 #   NIGHTLY_CONFIRM     1 (default) = a flagged benchmark fails only if a rerun in a fresh process confirms it
@@ -28,7 +29,7 @@ update=0
 for arg in "$@"; do
   case "$arg" in
     --update-baseline) update=1 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "error: unknown argument $arg (expected --update-baseline)" >&2; exit 2 ;;
   esac
 done
@@ -126,6 +127,12 @@ if [ -f "$out/benchmarks.json" ]; then
   fi
   [ $rc -gt 1 ] && summary+=("benchmarks: cannot compare with the baseline (see above)")
   fail $rc
+  if [ $rc -le 1 ]; then  # the table and the final verdict (after the rerun) as this night's perf-gate W&B run
+    confirmed=()
+    [ -f "$out/benchmarks-confirm.json" ] && confirmed=(--confirmed "$out/benchmarks-confirm.json")
+    $PY -m benchmarks.gate "$base_dir/benchmarks.json" "$out/benchmarks.json" --tolerance "$tolerance" \
+      "${confirmed[@]}" --wandb "${NIGHTLY_WANDB:-auto}" --wandb-dir "$out" | grep '^W&B' || true
+  fi
 fi
 if [ "$matrix" != none ] && [ -f "$out/matrix/results.jsonl" ]; then
   echo "[nightly] matrix against $base_dir/matrix"

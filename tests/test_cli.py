@@ -202,7 +202,7 @@ def test_dry_run_of_the_default_preset_with_only(tmp_path, capsys):
     matrix = load_matrix("default")
     expected = [c.id for c in matrix.cells() if c.strategy.id == "finetune"]
     listed = _listed(out)
-    assert listed == expected and len(expected) == len(matrix.pairs) * len(matrix.augments["finetune"])
+    assert listed == expected and len(expected) == len(matrix.pairs) * len(matrix.augments["finetune"]) * len(matrix.seeds)
     assert not (tmp_path / "runs").exists()
 
 
@@ -273,3 +273,93 @@ def test_compare_is_dispatched(tmp_path, capsys, fake_run):
     code, out, _ = run_cli(["compare", str(run_dir), str(run_dir), "--json", str(tmp_path / "c.json")], capsys)
     assert code == 0
     assert json.loads((tmp_path / "c.json").read_text())["regressed"] is False
+
+
+def _options(parser) -> list:
+    """Every argument of `parser` and of its subcommands (argparse keeps subparsers in an action)."""
+    out = []
+    for action in parser._actions:
+        if action.choices and isinstance(action.choices, dict):  # the subcommands
+            for sub in action.choices.values():
+                out += _options(sub)
+        else:
+            out.append(action)
+    return out
+
+
+def test_every_flag_has_help_and_fixed_sets_list_their_choices():
+    from bench.__main__ import build_parser
+    from bench.worker import main as worker_main  # noqa: F401 - its parser is built in main
+    from ganlib.config import ArgumentParser, add_arguments, field_docs
+
+    missing = [a.option_strings or a.dest for a in _options(build_parser()) if not a.help]
+    assert missing == []
+    train = ArgumentParser()
+    add_arguments(train)
+    by_dest = {a.dest: a for a in train._actions}
+    docs = field_docs()
+    assert all(docs[name] for name in docs if name != "strategy_options"), docs  # each field has its comment
+    for name, text in docs.items():
+        if name in by_dest:
+            assert by_dest[name].help == text  # the comment in TrainConfig is the one source
+    assert [a.dest for a in train._actions if not a.help] == []
+    assert list(by_dest["net"].choices) == NETWORKS.names()
+    assert list(by_dest["strategy"].choices) == STRATEGIES.names()
+    assert list(by_dest["loss"].choices) == LOSSES.names()
+    assert "channels_last" in by_dest["memory_format"].choices and "bf16" in by_dest["mixed_precision"].choices
+
+
+@pytest.mark.parametrize("module", ["bench", "ganlib.train"])
+def test_version(module):
+    import ganlib
+
+    result = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith(f"(ganbench) {ganlib.__version__}")
+
+
+def test_closed_pipe_ends_quietly(tmp_path):
+    make_fake_run(tmp_path / "run")
+    # the reader is gone before bench writes a byte (as `bench show | head -0` would be)
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "show", str(tmp_path / "run"), "--cells"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+def test_export_csv_is_one_flat_row_per_cell(tmp_path, capsys):
+    import csv
+
+    records = make_fake_run(tmp_path / "run")
+    assert main(["export", str(tmp_path / "run"), "--csv", str(tmp_path / "cells.csv")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cells.csv")
+    with open(tmp_path / "cells.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    latest = {r["cell_id"]: r for r in records}
+    assert [row["cell_id"] for row in rows] == list(latest)  # one row per cell, in the file's order
+    for row in rows:
+        record = latest[row["cell_id"]]
+        assert row["status"] == record["status"] and row["reason"] == (record["reason"] or "")
+        for key, value in record["metrics"].items():  # every metric is a column of its own
+            if isinstance(value, float):
+                assert float(row[key]) == pytest.approx(value, rel=1e-12)
+            elif isinstance(value, list):
+                assert json.loads(row[key]) == value
+            elif value is not None:
+                assert row[key] == str(value)
+    failed = next(row for row in rows if row["status"] == "failed")
+    assert failed["quality/fid"] == "" and failed["reason"] == FAILED_REASON
+
+
+def test_export_parquet_without_its_packages_says_what_to_install(tmp_path, capsys, monkeypatch):
+    make_fake_run(tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "run"), "--parquet", "--csv"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "pyarrow" in err and "pip install" in err
+    assert not (tmp_path / "run" / "cells.parquet").exists() and not (tmp_path / "run" / "cells.csv").exists()
+    with pytest.raises(SystemExit):
+        main(["export", str(tmp_path / "run")])  # no table asked for
+    assert "--csv" in capsys.readouterr().err

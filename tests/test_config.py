@@ -22,7 +22,8 @@ def _other_value(name: str, value):
     flag = "--" + name.replace("_", "-")
     if isinstance(value, bool):
         return (not value), [flag if not value else "--no-" + name.replace("_", "-")]
-    special = {"mixed_precision": "bf16", "memory_format": "contiguous", "channels": 3, "ema_decay": 0.5, "beta1": 0.25, "beta2": 0.75}
+    special = {"mixed_precision": "bf16", "memory_format": "contiguous", "channels": 3, "ema_decay": 0.5, "beta1": 0.25,
+               "beta2": 0.75, "net": "mlp", "loss": "hinge", "strategy": "finetune"}  # fixed sets: another member
     if name in special:
         new = special[name]
     elif isinstance(value, int):

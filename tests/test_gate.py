@@ -234,3 +234,31 @@ def test_baseline_refuses_runs_measured_differently(tmp_path):
     other = run_file(tmp_path, "other", [bench("step", 10.0)], threads=2)
     with pytest.raises(UserError, match="other.json: .*threads"):
         baseline.merge([one, other])
+
+
+def test_perf_gate_run_in_wandb_holds_the_rows_and_the_confirmed_verdict(tmp_path, monkeypatch):
+    wandb_sink_test = pytest.importorskip("test_wandb_sink")  # its reader of the offline .wandb files
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.delenv("RANK", raising=False)
+    night = tmp_path / "nightly-20261130"
+    night.mkdir()
+    base = run_file(tmp_path, "base", [bench("step", 10.0), bench("fid", 50.0), bench("data", 5.0)])
+    new = run_file(night, "new", [bench("step", 13.0), bench("fid", 60.0), bench("data", 5.0)])
+    rerun = run_file(night, "rerun", [bench("step", 13.5), bench("fid", 50.2)])  # fid was noise
+    assert gate.main([base, new, "--confirmed", rerun, "--wandb", "offline"]) == 1
+
+    [run] = wandb_sink_test.offline_runs(night).values()
+    assert (run["name"], run["group"], run["job_type"]) == ("perf-gate-nightly-20261130", "perf-gate", "perf-gate")
+    assert run["exit_code"] == 1 and run["summary"]["verdict"] == "REGRESSED"
+    assert run["summary"]["regressed"] == "step"
+    table = json.loads((run["dir"] / "files" / run["summary"]["gate/path"]).read_text())
+    got = {row[table["columns"].index("name")]: dict(zip(table["columns"], row)) for row in table["data"]}
+    expected, _ = gate.compare(base, new)
+    assert set(got) == {r.name for r in expected} == {"step", "fid", "data"}
+    for r in expected:
+        assert got[r.name]["new"] == pytest.approx(r.new) and got[r.name]["change"] == pytest.approx(r.change)
+    assert {n: row["verdict"] for n, row in got.items()} == {"step": "REGRESSED", "fid": "NOT_REPRODUCED",
+                                                             "data": "OK"}
+    assert run["summary"]["gate/step/change"] == pytest.approx(0.3)
+    assert run["config"]["device"] == SETUP["device"]

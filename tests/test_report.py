@@ -250,3 +250,14 @@ def test_show_and_report_mark_figures_measured_beside_other_cells(fake_run, tmp_
     run_dir.mkdir()
     (run_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in shared))
     assert "up to 2 cells sharing the device" in write_report(run_dir).read_text(encoding="utf-8")
+
+
+def test_report_escapes_markup_from_inputs(tmp_path):
+    records = make_fake_run(tmp_path / "run", images=False)
+    hostile = '<script>alert("x")</script><img src=x onerror=alert(1)>'
+    lines = [json.dumps({**r, "reason": hostile} if r["status"] != "ok" else {**r, "target": hostile}) + "\n"
+             for r in records]
+    (tmp_path / "run" / "results.jsonl").write_text("".join(lines))
+    text = write_report(tmp_path / "run").read_text()
+    assert "<script" not in text.lower() and "<img src=x" not in text  # no tag made it through
+    assert text.count("&lt;script&gt;alert(") >= 3  # the reasons (table, per-pair lines) and the target, as text

@@ -266,6 +266,23 @@ def test_a_diverging_run_exits_1_with_an_error_line(tmp_path, nan_loss, capsys):
     assert err[-1].startswith("error: loss/D became nan")
 
 
+def test_log_hook_sees_each_curve_row_as_it_is_appended(tiny_config):
+    seen, lengths = [], []
+    trainer = None
+
+    def log_fn(curve, row):  # called from inside the loop: the row is already in the curve, nothing later is
+        seen.append((curve, dict(row)))
+        lengths.append(len(getattr(trainer, f"{curve}_curve")))
+
+    cfg = tiny_config(steps=6, log_every=2, eval_every=3)
+    trainer = Trainer(cfg, eval_fn=lambda step, gen, z: {"fid": float(step)}, log_fn=log_fn)
+    result = trainer.run()
+    assert [row for curve, row in seen if curve == "train"] == result.curves["train"]
+    assert [row for curve, row in seen if curve == "fid"] == result.curves["fid"]
+    assert [r["step"] for c, r in seen] == [0, 2, 3, 4, 6, 6]  # in the order training produced them
+    assert lengths == [1, 1, 2, 2, 3, 3]
+
+
 # --- kill and resume -------------------------------------------------------------------------------
 
 

@@ -18,8 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.results import IDENTITY_FIELDS, load_records
-from bench.wandb_sink import REDACTED, WandbSink, has_credentials, resolve_mode, scrub
+import bench.cell
+from bench import worker
+from bench.cell import FAULT_ENV
+from bench.matrix import parse_matrix
+from bench.results import IDENTITY_FIELDS, latest_per_cell, load_records, results_path
+from bench.run import write_plan
+from bench.wandb_sink import (REDACTED, STEP_KEY, WandbSink, has_credentials, resolve_mode, scrub,
+                              wandb_run_id)
+from ganlib.distributed import make_accelerator
 from fakes import FAILED_CELL, SKIPPED_CELL, cell_id, make_fake_run
 from ganlib.errors import UserError
 
@@ -87,8 +94,8 @@ def read_run(run_dir: Path) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
-            out.update(name=run.display_name, group=run.run_group, job_type=run.job_type,
-                       tags=list(run.tags))
+            out.update(id=run.run_id, name=run.display_name, group=run.run_group,
+                       job_type=run.job_type, tags=list(run.tags))
             out["config"].update({_key(u): json.loads(u.value_json) for u in run.config.update})
         elif kind == "config":
             out["config"].update({_key(u): json.loads(u.value_json)
@@ -101,6 +108,8 @@ def read_run(run_dir: Path) -> dict:
                                    for u in record.summary.update})
         elif kind == "exit":
             out["exit_code"] = record.exit.exit_code
+        elif kind == "stats":
+            out.setdefault("stats", []).append({i.key for i in record.stats.item})
     return out
 
 
@@ -150,13 +159,15 @@ def assert_runs_match(runs: dict[str, dict], records: list[dict]) -> None:
         run = runs[r["cell_id"]]
         assert (run["group"], run["job_type"]) == (r["run_id"], r["strategy"])
         assert run["tags"] == [r["pair"], r["setup"], r["network"]]
-        assert run["exit_code"] == 0
+        assert run["exit_code"] == (1 if r["status"] == "failed" else 0)  # skipped is not a failure
         assert run["config"]["cell"] == {**{k: r[k] for k in IDENTITY_FIELDS}, "env": r["env"]}
         expected_config = scrub(r["config"])
         assert {k: v for k, v in run["config"].items() if k not in ("cell", "_wandb")} \
             == expected_config
         # history: one row per step with the training values, FID curve merged in
-        rows = {row["_step"]: row for row in run["history"]}
+        rows: dict = {}  # a step's values may come in several log calls (losses, then samples)
+        for row in run["history"]:
+            rows.setdefault(row["train/step"], {}).update(row)
         for train_row in r["curves"].get("train", []):
             got = rows[train_row["step"]]
             for key, value in train_row.items():
@@ -287,7 +298,9 @@ def test_log_failure_finishes_run_as_failed(fake_run, wandb_env, monkeypatch, ca
 
     monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
     sink = WandbSink(mode="offline", dir=run_dir)
-    assert sink.log_cell(records[0], run_dir / records[0]["artifacts"]["samples"]) is False
+    # its own run id: wandb-core keeps the id of the timed-out init of the test above "in use"
+    cell = {**records[0], "run_id": "log-failure"}
+    assert sink.log_cell(cell, run_dir / records[0]["artifacts"]["samples"]) is False
     assert not sink.enabled and "disk full" in sink.warning
     assert capsys.readouterr().err.count("warning:") == 1
     [run] = offline_runs(run_dir).values()
@@ -356,3 +369,145 @@ def test_offline_runs_match_the_records_of_a_real_run(real_run, wandb_env, tmp_p
     runs = offline_runs(copy)
     assert set(runs) == {r["cell_id"] for r in records}
     assert_runs_match(runs, records)
+
+
+# --- live cell runs: a real tiny matrix through bench.worker, W&B offline -------------------------
+
+LIVE_STEPS, LIVE_LOG_EVERY, LIVE_EVAL_EVERY = 20, 5, 10
+LIVE_MATRIX = {
+    "name": "live", "network": {"name": "dcgan", "size": 28, "width": 8},
+    "pairs": [{"source": "mnist5k:classes=0-4", "target": "mnist5k:classes=5-9:n=25"}],
+    "strategies": ["scratch"], "setups": ["cpu-1proc"], "seeds": [0, 1],
+    "source_steps": 20, "transfer_steps": LIVE_STEPS,
+    "train": {"batch": 16, "log_every": LIVE_LOG_EVERY, "warmup_steps": 2},
+    "metrics": {"num_samples": 100, "curve_samples": 50, "eval_every": LIVE_EVAL_EVERY},
+}
+
+
+def sampled_history(run) -> dict[str, list[float]]:
+    """What wandb-core holds of an open run's history now (its own read-back, offline too)."""
+    result = run._interface.deliver_request_sampled_history().wait_or(timeout=20)
+    return {i.key: list(i.values_float) or list(i.values_int)
+            for i in result.response.sampled_history_response.item}
+
+
+def all_offline_runs(base: Path) -> list[dict]:
+    """Every offline run directory under `base/wandb` (a resumed run has one per process that ran it)."""
+    return [{**read_run(d), "dir": d} for d in sorted((base / "wandb").glob("offline-run-*"))]
+
+
+@pytest.fixture
+def live_run(tmp_path, wandb_env, monkeypatch):
+    """The `live` matrix planned in a run directory, seed 1 made to diverge; run it with `run()`."""
+    monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_X_STATS_SAMPLING_INTERVAL", "0.5")  # wandb's default is 15 s
+    matrix = parse_matrix(LIVE_MATRIX, "live")
+    ok, failed = matrix.cells()
+    monkeypatch.setenv(FAULT_ENV, f"{failed.id}=nan")
+    run_dir = tmp_path / "run"
+    write_plan(run_dir, matrix, "run-live", [ok, failed])
+    seen: list[tuple[int, dict]] = []  # (evaluation, W&B history at that moment)
+    real_evaluate = bench.cell.evaluate_generator
+
+    def evaluate_and_look(*args, **kwargs):  # a spy on the evaluation, not on the sink
+        if wandb.run is not None:
+            seen.append((len(seen), sampled_history(wandb.run)))
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(bench.cell, "evaluate_generator", evaluate_and_look)
+    threads = __import__("torch").get_num_threads()
+    __import__("torch").set_num_threads(1)
+
+    def run() -> None:
+        worker.run_setup(make_accelerator(), run_dir, None, "offline", "ganbench", None)
+
+    yield run_dir, ok, failed, run, seen
+    __import__("torch").set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_live_cell_run_streams_training_and_resumes_into_the_same_runs(live_run):
+    run_dir, ok, failed, run, seen = live_run
+    run()
+    records = {r["cell_id"]: r for r in load_records(run_dir)}
+    assert records[ok.id]["status"] == "ok" and records[failed.id]["status"] == "failed"
+
+    # during the cell: at the evaluation after step 10 (the ok cell's 2nd), loss rows were in W&B
+    at_step_10 = seen[1][1]
+    assert len(at_step_10["loss/D"]) == LIVE_EVAL_EVERY // LIVE_LOG_EVERY  # steps 5 and 10
+    assert max(at_step_10[STEP_KEY]) == LIVE_EVAL_EVERY  # nothing from after that moment
+    assert len(at_step_10["curve/fid"]) == 1  # the step-0 FID, already there
+
+    runs = all_offline_runs(run_dir)
+    by_id = {r["id"]: r for r in runs}
+    assert set(by_id) == {wandb_run_id("run-live", ok.id), wandb_run_id("run-live", failed.id)}
+    live = by_id[wandb_run_id("run-live", ok.id)]
+    assert live["name"] == ok.id and live["exit_code"] == 0
+    loss_rows = [r for r in live["history"] if "loss/D" in r]
+    assert [r[STEP_KEY] for r in loss_rows] == list(range(LIVE_LOG_EVERY, LIVE_STEPS + 1, LIVE_LOG_EVERY))
+    assert [r["loss/D"] for r in loss_rows] == pytest.approx(
+        [row["loss/D"] for row in records[ok.id]["curves"]["train"]])
+    fid_rows = [r for r in live["history"] if r.get("curve/fid") is not None]
+    assert [r[STEP_KEY] for r in fid_rows] == [0, 10, 20]
+    grids = [r for r in live["history"] if "samples/_type" in r]
+    assert [r[STEP_KEY] for r in grids] == [0, 10, 20, 20]  # each evaluation, then the final grid
+    walls = [r["timing/cell_wall_s"] for r in loss_rows]
+    assert walls == sorted(walls) and walls[0] > 0
+    runtimes = [r["_runtime"] for r in live["history"]]
+    assert runtimes == sorted(runtimes) and runtimes[-1] > runtimes[0]  # logged over time, not at once
+    assert live["stats"] and any("proc.memory.rssMB" in keys for keys in live["stats"])  # system metrics
+    assert live["summary"]["quality/fid"] == pytest.approx(records[ok.id]["metrics"]["quality/fid"])
+
+    dead = by_id[wandb_run_id("run-live", failed.id)]
+    assert dead["exit_code"] == 1 and dead["summary"]["status"] == "failed"
+    assert dead["summary"]["reason"] == records[failed.id]["reason"] and "diverged" in dead["summary"]["reason"]
+
+    # a relaunch after the ok cell's record was lost: it runs again, into the same W&B run
+    kept = [r for r in load_records(run_dir) if r["cell_id"] != ok.id]
+    results_path(run_dir).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    run()
+    again = all_offline_runs(run_dir)
+    assert len(again) == len(runs) + 1
+    assert {r["id"] for r in again} == set(by_id)  # no new W&B run
+    [rerun] = [r for r in again if r["dir"] not in {x["dir"] for x in runs}]
+    assert rerun["id"] == live["id"] and rerun["exit_code"] == 0
+
+
+def test_summary_and_unrun_cells_keep_their_run_ids(fake_run, wandb_env):
+    run_dir, records = fake_run
+    run_id = records[0]["run_id"]
+    for _ in range(2):  # a --resume logs the summary again: into the same run
+        sink = WandbSink(mode="offline", dir=run_dir)
+        never_ran = [r for r in latest_per_cell(records) if r["status"] == "skipped"]  # setup skipped
+        assert never_ran and sink.log_unrun_cells(records) == len(never_ran)  # the others ran in a worker
+        unrun = [{**r, "artifacts": {}} for r in _pick(records)[1:]]  # failed launch, skipped setup
+        assert sink.log_unrun_cells(unrun) == 2
+        assert sink.log_summary(run_id, records, [])
+    runs = all_offline_runs(run_dir)
+    logged = {r["cell_id"]: r for r in [*never_ran, *unrun]}
+    assert len(runs) == 2 * (len(never_ran) + len(unrun) + 1)  # one offline directory per process that ran it
+    expected = {wandb_run_id(run_id, "summary")} | {wandb_run_id(run_id, cell_id) for cell_id in logged}
+    assert {r["id"] for r in runs} == expected
+    for r in runs:
+        if r["id"] != wandb_run_id(run_id, "summary"):
+            record = logged[r["name"]]
+            assert r["summary"]["reason"] == record["reason"]
+            assert r["exit_code"] == (1 if record["status"] == "failed" else 0)
+
+
+@pytest.mark.slow
+def test_wandb_failure_during_a_live_cell_is_one_warning_and_the_cells_go_on(live_run, monkeypatch, capsys):
+    run_dir, ok, failed, run, seen = live_run
+
+    def broken_log(self, *args, **kwargs):
+        raise OSError("disk full while writing history")
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log", broken_log)
+    run()
+    records = {r["cell_id"]: r for r in load_records(run_dir)}
+    assert records[ok.id]["status"] == "ok" and records[failed.id]["status"] == "failed"
+    assert records[ok.id]["metrics"]["quality/fid"] > 0 and len(records[ok.id]["curves"]["train"]) == 4
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "disk full" in err
+    [dead] = all_offline_runs(run_dir)  # the first cell's run, closed as failed; then W&B was off
+    assert dead["id"] == wandb_run_id("run-live", ok.id) and dead["exit_code"] == 1
