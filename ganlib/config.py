@@ -40,6 +40,7 @@ class TrainConfig:
     strategy: str = "scratch"     # transfer strategy (ganlib.strategies)
     strategy_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"layers": 2}
     source: str = ""              # directory holding the source generator/discriminator .safetensors
+    source_checkpoint: str = ""   # instead of `source`: a rosinality StyleGAN2 .pt (g_ema, g, d); net stylegan2 only
     mixed_precision: str = ""     # no | bf16 | fp16; "" = whatever `accelerate launch` configured
     compile: bool = False         # torch.compile the networks (kernels cached in $GANBENCH_CACHE/inductor)
     memory_format: str = "auto"   # conv nets: channels_last | contiguous | auto (channels_last on CPU only)
@@ -72,6 +73,9 @@ class TrainConfig:
         for name in ("lr_g", "lr_d"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name}={getattr(self, name)} must be > 0")
+        if self.source_checkpoint and self.net != "stylegan2":
+            raise UserError(f"source_checkpoint={self.source_checkpoint!r} is a rosinality StyleGAN2 checkpoint; "
+                            f"it needs net=stylegan2, not net={self.net!r}")
         if self.batch < 2:
             raise UserError(f"batch={self.batch} must be >= 2 (batch normalisation needs two samples)")
         return self

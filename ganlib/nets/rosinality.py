@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -70,12 +71,17 @@ def read_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     if not path.is_file():
         raise UserError(f"--source-checkpoint {path} does not exist; pass a rosinality-format .pt file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # torch warns about pickle protocols on odd input; the error below says what matters, once
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0][:160]
-        raise UserError(f"--source-checkpoint {path} cannot be read without running its code "
-                        f"(weights-only load refused: {first}); convert it to plain state dicts") from None
+        refused = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        if refused:  # a well-formed pickle that names classes: loading it would run their code
+            raise UserError(f"--source-checkpoint {path} cannot be read without running its code "
+                            f"(weights-only load refused: {refused[0][:120]}); save plain state dicts") from None
+        raise UserError(f"--source-checkpoint {path} is truncated or not a torch checkpoint "
+                        f"(unpickling failed)") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
         raise UserError(f"--source-checkpoint {path} is truncated or not a torch checkpoint ({first})") from None
@@ -97,7 +103,7 @@ def infer_config(g_state: dict[str, torch.Tensor], where: str = "checkpoint") ->
     size = 2 ** (rgb_levels + 2)
     channels, c_top = top.shape[1], top.shape[2]
     # channels_at(size, width) = min(8 width, 512 width / size): invert at the top resolution
-    width = max(c_top // 8, c_top * size // 512) if size > 64 else c_top // 8
+    width = c_top * size // 512 if size > 64 else c_top // 8
     return NetConfig(FAMILY_NAME, size, channels, latent_dim=latent, width=max(width, 1))
 
 
