@@ -11,6 +11,7 @@ Names map by prefix onto `ganlib.nets.stylegan2` (whose sub-module names follow 
     convs.{2k}. / convs.{2k+1}. / to_rgbs.{k}.  -> blocks.{k+2}.conv0. / .conv1. / .to_rgb.
     noises.noise_0 / noise_{2k+1} / noise_{2k+2} -> blocks.1.conv / blocks.{k+2}.conv0 / conv1 .noise_const
     D: convs. -> blocks.;  final_conv. -> head.conv.;  final_linear.0. / .1. -> head.fc. / head.out.
+Modulated conv weights (`...conv.weight` in G) are [1, out, in, k, k] there and [out, in, k, k] here.
 The reference also saves its resampling filters (`...kernel`); they are fixed by the architecture, so
 they are checked against ours and not stored.
 """
@@ -54,6 +55,12 @@ _D_RULES = [
 
 def _is_filter(name: str) -> bool:
     return name.endswith(("blur.kernel", "upsample.kernel")) or re.fullmatch(r"convs\.\d+\.(conv2|skip)\.0\.kernel", name) is not None
+
+
+def _reference_shape(ours: str, tensor: torch.Tensor, rules) -> tuple[int, ...]:
+    """The reference's shape for our tensor `ours` (G's modulated conv weights carry a leading 1)."""
+    modulated = rules is _G_RULES and ours.endswith("conv.weight")
+    return (1, *tensor.shape) if modulated else tuple(tensor.shape)
 
 
 def map_name(name: str, rules) -> str | None:
@@ -122,10 +129,11 @@ def to_ganlib(state: dict[str, torch.Tensor], module: torch.nn.Module, rules, wh
         if ours is None or ours not in own:
             raise UserError(f"{what}: key {name!r} has no counterpart in this stylegan2 network "
                             f"(another architecture or size?)")
-        if tuple(tensor.shape) != tuple(own[ours].shape):
+        expected = _reference_shape(ours, own[ours], rules)
+        if tuple(tensor.shape) != expected:
             raise UserError(f"{what}: key {name!r} has shape {tuple(tensor.shape)}, this network expects "
-                            f"{tuple(own[ours].shape)} (another size or width?)")
-        out[ours] = tensor
+                            f"{expected} (another size or width?)")
+        out[ours] = tensor.reshape(own[ours].shape)
     missing = [k for k in own if k not in out]
     if missing:
         raise UserError(f"{what}: this network's {missing[0]!r} is not in the checkpoint (another size?)")
@@ -140,7 +148,8 @@ def from_ganlib(module: torch.nn.Module, rules, reference_names: list[str]) -> d
         if _is_filter(name):
             out[name] = fir_kernel(4.0) if name.endswith(("blur.kernel", "upsample.kernel")) else fir_kernel()
         else:
-            out[name] = own[map_name(name, rules)].clone()
+            ours = map_name(name, rules)
+            out[name] = own[ours].clone().reshape(_reference_shape(ours, own[ours], rules))
     return out
 
 

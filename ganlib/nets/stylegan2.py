@@ -114,11 +114,12 @@ class MappingNetwork(nn.Module):
 class ModulatedConv2d(nn.Module):
     """Conv whose input channels are scaled per sample by an affine map of w (the "style"), then,
     with `demodulate`, whose outputs are rescaled to unit expected variance. `up`: a transposed
-    stride-2 conv followed by the FIR blur (as in the paper). Weight shape [1, out, in, k, k]."""
+    stride-2 conv followed by the FIR blur (as in the paper). Weight [out, in, k, k] (the reference
+    stores it as [1, out, in, k, k]; 4-D lets it run channels-last)."""
 
     def __init__(self, c_in: int, c_out: int, kernel: int, w_dim: int, demodulate: bool = True, up: bool = False):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(1, c_out, c_in, kernel, kernel))
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, kernel, kernel))
         self.modulation = EqualLinear(w_dim, c_in, bias_init=1.0)  # the style affine: starts at identity scale
         self.scale, self.demodulate, self.up, self.padding = 1 / math.sqrt(c_in * kernel ** 2), demodulate, up, kernel // 2
         if up:
@@ -126,7 +127,7 @@ class ModulatedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         style = self.modulation(w)                 # [N, in]
-        weight = self.weight[0] * self.scale       # [out, in, k, k]
+        weight = self.weight * self.scale          # [out, in, k, k]
         x = x * style[:, :, None, None].to(x.dtype)
         if self.up:
             x = F.conv_transpose2d(x, weight.transpose(0, 1).to(x.dtype), stride=2)
@@ -199,7 +200,7 @@ class InputBlock(nn.Module):
         self.to_rgb = ToRGB(c, channels, w_dim)
 
     def forward(self, x, skip, ws: torch.Tensor, noise_mode: str):
-        x = self.const.expand(ws.shape[0], -1, -1, -1).to(ws.dtype)
+        x = self.const.to(ws.dtype).repeat(ws.shape[0], 1, 1, 1)  # a copy: a view of a leaf would still "require grad" under no_grad
         x = self.conv(x, ws[:, 0], noise_mode)
         return x, self.to_rgb(x, ws[:, 1], None)
 

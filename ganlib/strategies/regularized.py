@@ -170,6 +170,7 @@ class CDC(Strategy):
         self.g_block = self.options.g_block % len(ctx.G.blocks)
         # Only the blocks up to the compared one are needed from the frozen source generator.
         self.source_blocks = copy.deepcopy(ctx.G.blocks[: self.g_block + 1]).requires_grad_(False)
+        self.features_through = ctx.G.features_through  # how this family chains blocks (stylegan2 passes w and skips)
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 104729)
         self.anchor_z = torch.randn(self.options.anchors, ctx.G.latent_dim, device=ctx.device, generator=gen)
         was_training = ctx.D.training
@@ -210,10 +211,7 @@ class CDC(Strategy):
             # The whole batch goes through the source blocks so BatchNorm sees the same batch
             # statistics as in the target forward; only the first n rows are compared.
             self.source_blocks.train(ctx.G.training)
-            h = ctx.z
-            for block in self.source_blocks:
-                h = block(h)
-            source = h[:n].float().flatten(1)
+            source = self.features_through(self.source_blocks, ctx.z)[:n].float().flatten(1)
         log_p_target = F.log_softmax(_pairwise_cosine(target), dim=1)
         log_p_source = F.log_softmax(_pairwise_cosine(source), dim=1)
         kl = (log_p_target.exp() * (log_p_target - log_p_source)).mean()
