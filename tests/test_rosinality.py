@@ -63,12 +63,10 @@ def test_reference_keys_load_strictly_and_round_trip(ffhq256):
         for name, tensor in data[part].items():
             assert torch.equal(back[part][name], tensor), f"{part}.{name}"
     # every tensor of our networks came from the file (none kept its random init)
-    g_values = {t.data_ptr() for t in data["g_ema"].values()}
     assert sum(p.numel() for p in G.parameters()) == sum(
         t.numel() for k, t in data["g_ema"].items() if not k.endswith("kernel") and not k.startswith("noises."))
-    assert g_values  # the dict is not empty
     assert torch.equal(G.blocks[0].layers[7].weight, data["g_ema"]["style.8.weight"])
-    assert torch.equal(G.blocks[7].conv1.conv.weight, data["g_ema"]["convs.11.conv.weight"])
+    assert torch.equal(G.blocks[7].conv1.conv.weight, data["g_ema"]["convs.11.conv.weight"][0])  # [1, out, in, k, k]
     assert torch.equal(G.blocks[7].conv1.noise_const, data["g_ema"]["noises.noise_12"])
     assert torch.equal(D.head.out.weight, data["d"]["final_linear.1.weight"])
 
@@ -100,6 +98,8 @@ def _reference_names(module, part):
     levels = module.image_shape[1].bit_length() - 1
     names = []
     for name, _ in FIXTURE["g_ema" if part == "g" else "d"]:
+        if name.startswith("style.") and int(name.split(".")[1]) > len(module.blocks[0].layers):
+            continue  # a shorter mapping network (latents under 256)
         index = name.split(".")[1] if name.split(".")[0] in ("convs", "to_rgbs") else None
         if name.startswith("noises.noise_"):
             index = name.rsplit("_", 1)[1]

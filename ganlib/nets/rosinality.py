@@ -29,7 +29,7 @@ import torch
 
 from ganlib.errors import UserError
 from ganlib.nets import NetConfig, build_networks
-from ganlib.nets.stylegan2 import MAPPING_LAYERS, channels_at, fir_kernel
+from ganlib.nets.stylegan2 import fir_kernel
 
 FAMILY_NAME = "stylegan2"
 STATE_KEYS = ("g_ema", "g", "d")
@@ -169,9 +169,10 @@ def load_source_checkpoint(path: str | Path, cfg: NetConfig, G: torch.nn.Module,
                         f"channels={cfg.channels}, latent_dim={cfg.latent_dim}, width={cfg.width}: set "
                         f"--size {found.size} --latent-dim {found.latent_dim} --width {found.width}")
     n_mlp = len([k for k in states["g_ema"] if re.fullmatch(r"style\.\d+\.weight", k)])
-    if n_mlp != MAPPING_LAYERS:
-        raise UserError(f"--source-checkpoint {path}: its mapping network has {n_mlp} layers, stylegan2 here has "
-                        f"{MAPPING_LAYERS}")
+    depth = len(G.blocks[0].layers)
+    if n_mlp != depth:
+        raise UserError(f"--source-checkpoint {path}: its mapping network has {n_mlp} layers, stylegan2 with "
+                        f"latent_dim={cfg.latent_dim} has {depth}")
     g = to_ganlib(states["g_ema"], G, _G_RULES, f"--source-checkpoint {path} g_ema")
     to_ganlib(states["g"], G, _G_RULES, f"--source-checkpoint {path} g")
     d = to_ganlib(states["d"], D, _D_RULES, f"--source-checkpoint {path} d")

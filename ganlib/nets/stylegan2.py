@@ -1,6 +1,7 @@
 """StyleGAN2 (Karras et al. 2020, config F) at 32 to 1024 px, in plain PyTorch.
 
-G: a mapping network (pixel norm, 8 equalised-lr linear layers at lr x0.01) turns z into w; the
+G: a mapping network (pixel norm, 8 equalised-lr linear layers at lr x0.01; 2 for latents shorter
+than 256, as stylegan2-ada's small-image config) turns z into w; the
 synthesis network starts from a learned constant 4x4 map and doubles the resolution per block with
 modulated/demodulated 3x3 convs, per-pixel noise and a `to_rgb` per resolution whose outputs are
 summed through upsampled skips (the "skip" generator). D is the residual discriminator: `from_rgb`,
@@ -36,7 +37,9 @@ from torch import nn
 from ganlib.nets import Discriminator, Generator, NetConfig, NetFamily
 
 SIZES = (32, 64, 128, 256, 512, 1024)
-MAPPING_LAYERS = 8        # depth of the mapping network (paper)
+MAPPING_LAYERS = 8        # depth of the mapping network at full size (paper: latent 512)
+SMALL_MAPPING_LAYERS = 2  # ... for latents shorter than FULL_LATENT (stylegan2-ada's CIFAR-10 config)
+FULL_LATENT = 256         # latent length from which the mapping network has the paper's depth
 MAPPING_LR_MUL = 0.01     # the mapping network's learning-rate multiplier (paper)
 MIXING_PROB = 0.9         # probability that a training batch mixes two latents (paper)
 LEAK = 0.2                # LeakyReLU slope; activations are then scaled by sqrt(2) to keep unit variance
@@ -357,7 +360,8 @@ def build(cfg: NetConfig) -> tuple[StyleGAN2Generator, Discriminator]:
     levels = int(math.log2(cfg.size))  # 2**levels px
     ch = {2 ** r: channels_at(2 ** r, cfg.width) for r in range(2, levels + 1)}
     w_dim = cfg.latent_dim
-    g_blocks: list[nn.Module] = [MappingNetwork(cfg.latent_dim), InputBlock(ch[4], cfg.channels, w_dim)]
+    depth = MAPPING_LAYERS if cfg.latent_dim >= FULL_LATENT else SMALL_MAPPING_LAYERS
+    g_blocks: list[nn.Module] = [MappingNetwork(cfg.latent_dim, depth), InputBlock(ch[4], cfg.channels, w_dim)]
     g_blocks += [SynthesisBlock(ch[2 ** (r - 1)], ch[2 ** r], cfg.channels, w_dim, 2 ** r) for r in range(3, levels + 1)]
     shape = (cfg.channels, cfg.size, cfg.size)
     G = StyleGAN2Generator(g_blocks, ImageHead(), cfg.latent_dim, shape)
