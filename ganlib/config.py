@@ -73,9 +73,6 @@ class TrainConfig:
         for name in ("lr_g", "lr_d"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{name}={getattr(self, name)} must be > 0")
-        if self.source_checkpoint and self.net != "stylegan2":
-            raise UserError(f"source_checkpoint={self.source_checkpoint!r} is a rosinality StyleGAN2 checkpoint; "
-                            f"it needs net=stylegan2, not net={self.net!r}")
         if self.batch < 2:
             raise UserError(f"batch={self.batch} must be >= 2 (batch normalisation needs two samples)")
         return self

@@ -162,7 +162,7 @@ def test_trainer_starts_from_the_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--net", "dcgan", "--size", "32"], "needs net=stylegan2"),
+    (["--net", "dcgan", "--size", "32"], "needs --net stylegan2"),
     (["--net", "stylegan2", "--size", "32", "--width", "2", "--latent-dim", "16"], "truncated or not a torch"),
 ])
 def test_cli_bad_source_checkpoint_exits_2_and_writes_nothing(tmp_path, args, message):
