@@ -179,7 +179,7 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
 
     metrics: dict[str, Any] = {"timing/source_pretrain_s": None, "timing/source_cache_hit": None}  # scratch
     source_dir = ""
-    if cfg.strategy != "scratch":
+    if cfg.strategy != "scratch" and not cfg.source_checkpoint:  # a given checkpoint needs no pretraining
         src_cfg = matrix.source_config(cell, progress=False)
         # cache_dir is the cache root (as $GANBENCH_CACHE): sources live in its sources/ (ganlib.pretrain)
         entry, hit = pretrain_source(src_cfg, Path(cache_dir) / "sources" if cache_dir else None, accelerator,

@@ -47,6 +47,7 @@ class TrainConfig:
     augment: str = "none"         # augmentation before D, real and fake: none | diffaugment | ada (ganlib.augment)
     augment_options: dict[str, Any] = field(default_factory=dict)  # e.g. {"target": 0.6} for ada
     source: str = ""              # directory holding the source generator/discriminator .safetensors
+    source_checkpoint: str = ""   # instead of `source`: a rosinality StyleGAN2 .pt (g_ema, g, d); net stylegan2 only
     mixed_precision: str = ""     # no | bf16 | fp16; "" = whatever `accelerate launch` configured
     compile: bool = False         # torch.compile the networks (kernels cached in $GANBENCH_CACHE/inductor)
     memory_format: str = "auto"   # conv nets: channels_last | contiguous | auto (channels_last on CPU only)

@@ -41,6 +41,7 @@ from ganlib.preflight import check_free_space, check_writable
 from ganlib.losses import LOSSES, r1_penalty
 from ganlib.measure import StepClock, peak_memory_gb, percentile, reset_peak_memory
 from ganlib.nets import NETWORKS, NetConfig, build_networks
+from ganlib.nets.rosinality import load_source_checkpoint
 from ganlib.strategies import GStepContext, SetupContext, build_strategy
 
 SAMPLE_GRID = 64  # images in the fixed-noise sample grid
@@ -209,9 +210,12 @@ class Trainer:
         channels = cfg.channels or native_channels(cfg.data)
         images = load_images(cfg.data, cfg.size, channels, root=cfg.data_root or None, download=cfg.download).images
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        G, D = build_networks(NetConfig(cfg.net, cfg.size, channels, cfg.latent_dim, cfg.width))
+        net_cfg = NetConfig(cfg.net, cfg.size, channels, cfg.latent_dim, cfg.width)
+        G, D = build_networks(net_cfg)
         strategy.check(family, G, D)
-        if strategy.loads_source:
+        if strategy.loads_source and cfg.source_checkpoint:
+            load_source_checkpoint(cfg.source_checkpoint, net_cfg, G, D)
+        elif strategy.loads_source:
             if not cfg.source:
                 raise UserError(f"strategy {cfg.strategy!r} transfers from a source: pass --source DIR "
                                 "(a directory with generator.safetensors and discriminator.safetensors)")

@@ -36,7 +36,7 @@ SOURCE_DATA = "mnist5k:classes=0-4"
 TARGET_DATA = "mnist5k:classes=5-9:n=25"
 TINY = dict(width=8, latent_dim=16, batch=8, log_every=1, warmup_steps=0, progress=False, seed=0)
 FAMILIES = {"dcgan": dict(net="dcgan", size=28), "resnet": dict(net="resnet", size=32),
-            "mlp": dict(net="mlp", size=28)}
+            "mlp": dict(net="mlp", size=28), "stylegan2": dict(net="stylegan2", size=32)}
 STEPS = 4  # transfer steps; the phase boundary of two_phase and minegan is at STEPS // 2
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -81,7 +81,8 @@ def _d_input_blocks(G, D, options):
 def _g_except_norm_affine(G, D, options):
     norm = {f"{mn}.{pn}" for mn, m in G.named_modules() if isinstance(m, NORM_TYPES)
             for pn, _ in m.named_parameters(recurse=False)}
-    return {("generator", n) for n, _ in G.named_parameters() if n not in norm}
+    # StyleGAN2 has no normalisation layers: the issue names its style affines (`modulation`) instead.
+    return {("generator", n) for n, _ in G.named_parameters() if n not in norm and ".modulation." not in n}
 
 
 Segment = tuple[str, str, Callable]
@@ -237,7 +238,7 @@ def check_table(run: Run, name: str) -> None:
 # Every strategy on every family that supports it in fp32, and on dcgan in bf16 autocast.
 CASES = [pytest.param(s, f, "no", id=f"{s}-{f}") for s in STRATEGIES.names() for f in FAMILIES
          if not (s == "cdc" and not NETWORKS.get(FAMILIES[f]["net"]).spatial_d_features)]
-CASES += [pytest.param(s, "dcgan", "bf16", id=f"{s}-dcgan-bf16") for s in STRATEGIES.names()]
+CASES += [pytest.param(s, f, "bf16", id=f"{s}-{f}-bf16") for s in STRATEGIES.names() for f in ("dcgan", "stylegan2")]
 
 
 def test_table_covers_every_registered_strategy():
@@ -576,7 +577,7 @@ DDP_SCRIPT = textwrap.dedent('''
             flat = {f"{stem}/{n}": t.contiguous() for stem, m in mods.items() for n, t in params(m).items()}
             save_file(flat, str(out_root / f"{name}-rank{rank}-step{step}.safetensors"))
 
-        cfg = TrainConfig(net="dcgan", size=28, width=8, latent_dim=16, batch=8, steps=%(steps)d,
+        cfg = TrainConfig(**json.loads(sys.argv[4]), width=8, latent_dim=16, batch=8, steps=%(steps)d,
                           data="mnist5k:classes=5-9:n=25", strategy=name, strategy_options=options.get(name, {}),
                           source=source, out=str(out), eval_every=%(steps)d // 2, log_every=1,
                           warmup_steps=0, progress=False, **AUGMENT.get(name, {}))
@@ -594,7 +595,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_train_what_the_table_says(tmp_path, source):
+@pytest.mark.parametrize("family", ["dcgan", "stylegan2"])
+def test_ddp_two_processes_train_what_the_table_says(tmp_path, source, family):
     script = tmp_path / "ddp_strategies.py"
     script.write_text(DDP_SCRIPT)
     out_root = tmp_path / "ddp"
@@ -602,15 +604,16 @@ def test_ddp_two_processes_train_what_the_table_says(tmp_path, source):
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(script), str(source("dcgan")), str(out_root),
-           json.dumps({name: options_for(name, STEPS) for name in DDP_STRATEGIES})]
+           str(script), str(source(family)), str(out_root),
+           json.dumps({name: options_for(name, STEPS) for name in DDP_STRATEGIES}), json.dumps(FAMILIES[family])]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    src = load_dir(source("dcgan"))
+    src = load_dir(source(family))
     torch.manual_seed(0)
-    G, D = build_networks(NetConfig("dcgan", 28, 1, TINY["latent_dim"], TINY["width"]))
+    G, D = build_networks(NetConfig(FAMILIES[family]["net"], FAMILIES[family]["size"], 1, TINY["latent_dim"],
+                                    TINY["width"]))
     for name in DDP_STRATEGIES:
         options = options_for(name, STEPS)
         per_rank = []

@@ -28,7 +28,7 @@ class NetConfig:
     """Which network to build and at what shape; validated by `build_networks`."""
 
     name: str
-    """Family name in `NETWORKS` (`mlp`, `dcgan`, `resnet`)."""
+    """Family name in `NETWORKS` (`mlp`, `dcgan`, `resnet`, `stylegan2`)."""
     size: int
     """Image height = width, in pixels; each family lists the sizes it supports."""
     channels: int
@@ -38,7 +38,8 @@ class NetConfig:
     width: int = 64
     """Channel multiplier, in channels: the narrowest conv layer has `width` channels
     (dcgan), every residual block has `width` channels (resnet), hidden layers have
-    `4 * width` units (mlp, so 256 at the default)."""
+    `4 * width` units (mlp, so 256 at the default); stylegan2: 64 = the paper's config F
+    (512 channels up to 64 px, then halving per doubling), other values scale every layer."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,10 @@ class NetFamily:
     size_range: tuple[int, int] | None = None
     """(min, max) image size in pixels, inclusive, checked only when `sizes` is None;
     None = no limit."""
+    g_affine_params: Callable[[nn.Module], list[nn.Parameter]] | None = None
+    """G's parameters that play the part of normalisation scale/shift (what `scale_shift` adapts)
+    when G has no affine normalisation layers, e.g. StyleGAN2's style affines; None = G's own
+    affine normalisation layers are used."""
 
     def supports_size(self, size: int) -> bool:
         """Whether `build_networks` accepts this image size (pixels) for this family."""
@@ -107,6 +112,15 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, return_features: bool = False):
         return _run_blocks(self.blocks, self.head, z, return_features)
+
+    def features_through(self, blocks: nn.ModuleList, z: torch.Tensor) -> torch.Tensor:
+        """The activation after the last of `blocks` (a prefix of `self.blocks`, or a frozen copy of
+        one, as CDC keeps of the source) for latents z; families whose blocks pass more than one
+        tensor between them override it."""
+        h = z
+        for block in blocks:
+            h = block(h)
+        return h
 
 
 class Discriminator(nn.Module):
@@ -165,9 +179,9 @@ def build_networks(cfg: NetConfig) -> tuple[Generator, Discriminator]:
 
 # The families import Generator/Discriminator/NetFamily from this module, so they are
 # imported after those are defined; this is the one place that lists them.
-from ganlib.nets import dcgan, mlp, resnet  # noqa: E402
+from ganlib.nets import dcgan, mlp, resnet, stylegan2  # noqa: E402
 
-for _family in (mlp.FAMILY, dcgan.FAMILY, resnet.FAMILY):
+for _family in (mlp.FAMILY, dcgan.FAMILY, resnet.FAMILY, stylegan2.FAMILY):
     NETWORKS.register(_family.name, _family)
 
 __all__ = ["NETWORKS", "NetConfig", "NetFamily", "Generator", "Discriminator",

@@ -234,6 +234,7 @@ class CDC(Strategy):
         if anchors < 1:
             raise UserError("cdc anchors=0 means one anchor per training image, but the number of images is "
                             "unknown here; set anchors >= 1")
+        self.features_through = ctx.G.features_through  # how this family chains blocks (stylegan2 passes w and skips)
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed + 104729)
         self.anchor_z = torch.randn(anchors, ctx.G.latent_dim, device=ctx.device, generator=gen)
         self.seed = ctx.seed
@@ -277,10 +278,7 @@ class CDC(Strategy):
             # The whole batch goes through the source blocks so BatchNorm sees the same batch
             # statistics as in the target forward; only the first n rows are compared.
             self.source_blocks.train(ctx.G.training)
-            h = ctx.z
-            for block in self.source_blocks:
-                h = block(h)
-            source = h[:n].float().flatten(1)
+            source = self.features_through(self.source_blocks, ctx.z)[:n].float().flatten(1)
         log_p_target = F.log_softmax(_pairwise_cosine(target), dim=1)
         log_p_source = F.log_softmax(_pairwise_cosine(source), dim=1)
         kl = (log_p_target.exp() * (log_p_target - log_p_source)).mean()

@@ -96,12 +96,12 @@ class ScaleShift(Strategy):
     paper = "batch statistics adaptation, Noguchi & Harada 2019 (trained adversarially here, see docs)"
 
     def check(self, family, G: nn.Module, D: nn.Module) -> None:
-        if not _norm_affine_params(G):
+        if not _adapted_params(family, G):
             raise UserError(f"scale_shift needs a generator with affine normalisation layers; {family.name} has none")
 
     def setup(self, ctx: SetupContext) -> None:
         super().setup(ctx)
-        keep = {id(p) for p in _norm_affine_params(ctx.G)}
+        keep = {id(p) for p in _adapted_params(ctx.family, ctx.G)}
         for p in ctx.G.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
@@ -111,6 +111,12 @@ class ScaleShift(Strategy):
 
 
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+def _adapted_params(family, G: nn.Module) -> list[nn.Parameter]:
+    """What scale_shift trains in G: the family's stand-in for normalisation affines when it names one
+    (StyleGAN2's style affines, see docs/stylegan2.md), else G's affine normalisation layers."""
+    return family.g_affine_params(G) if family.g_affine_params is not None else _norm_affine_params(G)
 
 
 def _norm_affine_params(module: nn.Module) -> list[nn.Parameter]:
