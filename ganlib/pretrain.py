@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 from ganlib import checkpoint as ckpt
 from ganlib.cache import cache_root, file_sha256
-from ganlib.config import TrainConfig, add_arguments, from_arguments
+from ganlib.config import ArgumentParser, TrainConfig, add_arguments, from_arguments
 from ganlib.data import DataSpec
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
@@ -225,7 +225,7 @@ def pretrain_source(cfg: TrainConfig, cache_dir: Path | None = None, accelerator
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--cache-dir", default="", help="source cache directory; default $GANBENCH_CACHE/sources")

@@ -132,7 +132,7 @@ def test_cli_reports_pretrained_then_reused_and_exits_2_on_bad_input(tmp_path, c
         pretrain.main([*argv, "--net", "nope"])
     assert exit_info.value.code == USER_ERROR_EXIT_CODE
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown network 'nope'" in err[0]
+    assert len(err) == 1 and "invalid choice: 'nope'" in err[0]
 
 
 

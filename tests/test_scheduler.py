@@ -224,10 +224,18 @@ def test_a_worker_killed_in_a_cell_is_relaunched_once_then_the_cell_fails_and_th
 
 
 def _blocked_on(path: Path) -> int:
-    """How many flock requests wait for `path` right now (Linux: the `->` lines of /proc/locks)."""
-    inode = os.stat(path).st_ino
-    return sum(1 for line in Path("/proc/locks").read_text().splitlines()
-               if "->" in line and any(f.count(":") == 2 and f.rsplit(":", 1)[1] == str(inode) for f in line.split()))
+    """How many other processes wait for the lock `path` right now: the cache lock polls (a bounded
+    wait), so a waiter is a process holding the file open (Linux: /proc/<pid>/fd) while we hold the lock."""
+    target, waiting = str(path.resolve()), 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                waiting += 1
+        except OSError:  # the process ended, or is not ours to look at
+            continue
+    return waiting
 
 
 @pytest.mark.slow

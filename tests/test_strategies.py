@@ -494,7 +494,7 @@ def test_bad_input_is_one_clear_line_before_anything_is_written(tmp_path, source
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--strategy", "nope"], "unknown strategy"),
+    (["--strategy", "nope"], "invalid choice: 'nope'"),
     (["--strategy", "two_phase", "--strategy-opt", "split=1.5"], "split=1.5"),
     (["--strategy", "freeze_d", "--strategy-opt", "layers=5"], "D has 3 blocks"),
 ])

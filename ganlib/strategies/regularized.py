@@ -112,7 +112,8 @@ def per_sample_fisher(G: nn.Module, D: nn.Module, g_loss, names: list[str], z: t
         images = functional_call(G, {**state, **params}, (z1.unsqueeze(0),))
         return g_loss(D(images))
 
-    per_sample = vmap(grad(loss_one), in_dims=(None, 0))
+    # randomness="different": a generator with noise inputs (stylegan2) draws each sample's own noise
+    per_sample = vmap(grad(loss_one), in_dims=(None, 0), randomness="different")
     fisher = {n: torch.zeros_like(t, dtype=torch.float32) for n, t in trained.items()}
     for part in z.split(chunk):
         with torch.no_grad():  # torch.func.grad ignores an outer no_grad; D's weights get no graph
