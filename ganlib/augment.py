@@ -21,14 +21,13 @@ Images are [N, C, H, W] floats in [-1, 1]; outputs keep the input's dtype.
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 import torch
 
 from ganlib.errors import UserError
+from ganlib.options import typed_options
 from ganlib.registry import Registry
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over processes (identity on one process)
@@ -52,15 +51,7 @@ class Augment:
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "Augment":
         """Build from option values (YAML or `--augment-opt name=value`); UserError on bad ones."""
-        options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls.OptionsType)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise UserError(f"augment {cls.name!r} has no option {unknown[0]!r}; "
-                            f"options: {', '.join(sorted(known)) or 'none'}")
-        hints = typing.get_type_hints(cls.OptionsType)
-        typed = {k: _number(cls.name, k, v, hints[k]) for k, v in options.items()}
-        augment = cls(cls.OptionsType(**typed))
+        augment = cls(typed_options("augment", cls.name, cls.OptionsType, options))
         augment.validate()
         return augment
 
@@ -262,20 +253,6 @@ def _shift(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, reflect: bool) -
     batch = torch.arange(n, device=x.device).view(n, 1, 1)
     out = x.permute(0, 2, 3, 1)[batch, rows.clamp(0, h - 1), cols.clamp(0, w - 1)].permute(0, 3, 1, 2)
     return out if reflect else out * inside.unsqueeze(1).to(x.dtype)
-
-
-def _number(augment: str, key: str, value: Any, typ: type) -> Any:
-    """An option value as `typ` (int or float), strictly: 2.5 is no int, nan no float, True no number."""
-    bad = UserError(f"augment {augment!r} option {key}={value!r} is not a valid {typ.__name__}")
-    if isinstance(value, bool):
-        raise bad
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise bad from None
-    if not math.isfinite(number) or (typ is int and number != int(number)):
-        raise bad
-    return int(number) if typ is int else number
 
 
 AUGMENTS: Registry[type[Augment]] = Registry("augment")

@@ -11,15 +11,13 @@ loss terms, logged as `loss/G/<name>` and `loss/D/<name>`.
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ganlib.errors import UserError
+from ganlib.options import typed_options
 
 
 @dataclass(frozen=True)
@@ -83,15 +81,7 @@ class Strategy:
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "Strategy":
         """Build from a dict of option values; unknown options or bad values are a UserError."""
-        options = dict(options or {})
-        known = {f.name: f for f in dataclasses.fields(cls.OptionsType)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise UserError(f"strategy {cls.name!r} has no option {unknown[0]!r}; "
-                            f"options: {', '.join(known) or 'none'}")
-        hints = typing.get_type_hints(cls.OptionsType)
-        typed = {key: _coerce(cls.name, key, value, hints[key]) for key, value in options.items()}
-        strategy = cls(cls.OptionsType(**typed))
+        strategy = cls(typed_options("strategy", cls.name, cls.OptionsType, options))
         strategy.validate()
         return strategy
 
@@ -132,37 +122,3 @@ def freeze(module: nn.Module, prefixes: tuple[str, ...] | None = None) -> None:
     for name, p in module.named_parameters():
         if prefixes is None or name.startswith(prefixes):
             p.requires_grad_(False)
-
-
-
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
-def _coerce(strategy: str, key: str, value: Any, typ: type) -> Any:
-    """An option value (from YAML or `--strategy-opt name=text`) as `typ`; a UserError otherwise.
-
-    Strict where a plain cast would guess: 2.5 is not an int, "no" is a bool False, nan is no float.
-    """
-    bad = UserError(f"strategy {strategy!r} option {key}={value!r} is not a valid {typ.__name__}")
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in _TRUE or text in _FALSE:
-            return text in _TRUE
-        raise bad
-    if isinstance(value, bool):  # bool is an int subclass; True as a layer count is a mistake
-        raise bad
-    try:
-        number = float(str(value).strip()) if typ in (int, float) else typ(value)
-    except (TypeError, ValueError):
-        raise bad from None
-    if typ is float:
-        if not math.isfinite(number):
-            raise bad
-        return number
-    if typ is int:
-        if not math.isfinite(number) or number != int(number):
-            raise bad
-        return int(number)
-    return number
