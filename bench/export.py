@@ -12,26 +12,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 import os
 from pathlib import Path
 
-from bench.results import IDENTITY_FIELDS, latest_per_cell, load_records
+from bench.results import IDENTITY_FIELDS, flat_value, latest_per_cell, load_records
 from ganlib.checkpoint import atomic_write_text
 from ganlib.errors import UserError
 
 STATE_FIELDS = ("status", "reason")
 PARQUET_NEEDS = "pip install 'ganbench[export]' (pandas and pyarrow)"
-
-
-def _cell_value(value):
-    """A scalar for one table cell: lists/dicts as JSON text, NaN/inf as empty."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, sort_keys=True)
-    return value
 
 
 def columns_of(records: list[dict]) -> list[str]:
@@ -40,17 +29,22 @@ def columns_of(records: list[dict]) -> list[str]:
     return [*IDENTITY_FIELDS, *STATE_FIELDS, *metrics, "samples"]
 
 
-def flat_rows(run_dir: str | os.PathLike) -> tuple[list[str], list[dict]]:
-    """The columns and one row per cell (its latest record), in results.jsonl's order."""
-    records = latest_per_cell(load_records(run_dir))
+def flat_table(records: list[dict]) -> tuple[list[str], list[dict]]:
+    """The columns and one flat row per record (scalars only, see `flat_value`); `samples` is the
+    grid's path relative to the run directory. W&B's summary table is this table too."""
     columns = columns_of(records)
     rows = []
     for r in records:
-        row = {k: _cell_value(r.get(k)) for k in (*IDENTITY_FIELDS, *STATE_FIELDS)}
-        row.update({k: _cell_value(v) for k, v in (r.get("metrics") or {}).items()})
+        row = {k: flat_value(r.get(k)) for k in (*IDENTITY_FIELDS, *STATE_FIELDS)}
+        row.update({k: flat_value(v) for k, v in (r.get("metrics") or {}).items()})
         row["samples"] = (r.get("artifacts") or {}).get("samples")
         rows.append({c: row.get(c) for c in columns})
     return columns, rows
+
+
+def flat_rows(run_dir: str | os.PathLike) -> tuple[list[str], list[dict]]:
+    """The columns and one row per cell (its latest record), in results.jsonl's order."""
+    return flat_table(latest_per_cell(load_records(run_dir)))
 
 
 def write_csv(run_dir: str | os.PathLike, path: str | os.PathLike) -> Path:

@@ -66,6 +66,15 @@ def concurrency_note(records: Iterable[dict]) -> str:
             f"({CONCURRENCY}); they are not comparable with figures measured alone (--workers 1)")
 
 
+def flat_value(value):
+    """A table- or summary-friendly scalar: lists and mappings become JSON text, non-finite floats None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
 @dataclass(frozen=True)
 class Stat:
     """Mean and sample std (ddof=1) of one metric over seeds; std is None when n < 2."""

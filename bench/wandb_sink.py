@@ -32,8 +32,6 @@ open, its history is read back with `sampled_history` (see tests/test_wandb_sink
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import netrc
 import os
 import re
@@ -43,7 +41,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ganlib.errors import UserError
-from bench.results import IDENTITY_FIELDS, latest_per_cell
+from bench.export import STATE_FIELDS, flat_table
+from bench.results import IDENTITY_FIELDS, flat_value, latest_per_cell
 
 MODES = ("auto", "online", "offline", "disabled")
 # A credential's name has one of these words as a whole word (snake_case, kebab-case or camelCase):
@@ -54,7 +53,6 @@ REDACTED = "[redacted]"
 DEFAULT_HOST = "api.wandb.ai"
 INIT_TIMEOUT_S = 30.0    # how long wandb.init may wait for the backend / server
 FINISH_TIMEOUT_S = 60.0  # how long finish may wait for uploads before giving up on them
-SUMMARY_FIELDS = ("status", "reason")
 STEP_KEY = "train/step"  # the x axis of every history row (W&B's own _step only counts log calls)
 FAILED_EXIT_CODE = 1     # a failed cell's run ends with this exit code (W&B shows it as failed)
 
@@ -120,15 +118,6 @@ def resolve_mode(mode: str) -> str:
     return "online" if has_credentials() else "offline"
 
 
-def _flat(value):
-    """A table/summary-friendly scalar: lists and dicts become JSON text, non-finite floats None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, sort_keys=True)
-    return value
-
-
 class LiveCell:
     """The open W&B run of one cell while it trains; every method is guarded by the sink.
 
@@ -154,7 +143,7 @@ class LiveCell:
         """One row of the training loop's curves: `train` (losses) or `fid` (FID at an evaluation)."""
         if not self.sink.enabled:
             return
-        values = {k: _flat(v) for k, v in row.items() if k != "step"}
+        values = {k: flat_value(v) for k, v in row.items() if k != "step"}
         if curve == "fid":  # the same keys as a finished cell's history (`curve/...`)
             values = {"curve/fid": values.get("fid"), "curve/fid_wall_s": values.get("wall_s")}
         self._log(row["step"], values)
@@ -268,11 +257,11 @@ class WandbSink:
 
         def fill(wandb, run):
             columns = list(rows[0]) if rows else ["name", "verdict"]
-            run.log({"gate": wandb.Table(columns=columns, data=[[_flat(r.get(c)) for c in columns] for r in rows],
+            run.log({"gate": wandb.Table(columns=columns, data=[[flat_value(r.get(c)) for c in columns] for r in rows],
                                          allow_mixed_types=True)})
             for r in rows:
-                run.summary.update({f"gate/{r['name']}/{k}": _flat(r.get(k)) for k in ("new", "change", "verdict")})
-            run.summary.update({k: _flat(v) for k, v in summary.items()})
+                run.summary.update({f"gate/{r['name']}/{k}": flat_value(r.get(k)) for k in ("new", "change", "verdict")})
+            run.summary.update({k: flat_value(v) for k, v in summary.items()})
 
         init = dict(id=wandb_run_id("perf-gate", night), group="perf-gate", job_type="perf-gate",
                     name=f"perf-gate-{night}", config=scrub(config),
@@ -378,8 +367,8 @@ class WandbSink:
         sample = Path(sample_png_path) if sample_png_path else None
         if sample is not None and sample.is_file():
             run.log({STEP_KEY: step, "samples": wandb.Image(str(sample), caption=record.get("cell_id"))})
-        summary = {k: _flat(v) for k, v in (record.get("metrics") or {}).items()}
-        summary.update({k: record.get(k) for k in SUMMARY_FIELDS})
+        summary = {k: flat_value(v) for k, v in (record.get("metrics") or {}).items()}
+        summary.update({k: record.get(k) for k in STATE_FIELDS})
         # after history, so final metrics win over the last row
         run.summary.update(summary)
 
@@ -406,7 +395,7 @@ class WandbSink:
                 rows.setdefault(int(row["step"]), {}).update(
                     {"curve/fid": row.get("fid"), "curve/fid_wall_s": row.get("wall_s")})
             for step in sorted(rows):
-                run.log({STEP_KEY: step, **{k: _flat(v) for k, v in rows[step].items()}})
+                run.log({STEP_KEY: step, **{k: flat_value(v) for k, v in rows[step].items()}})
             self._final(wandb, run, record, sample_png_path, max(rows) if rows else 0)
 
         self._run(fill, exit_code(record), **self._cell_init_kwargs(record))
@@ -415,15 +404,12 @@ class WandbSink:
         from bench.stats import verdicts
 
         def fill(wandb, run):
-            metric_keys = sorted({k for r in records for k in (r.get("metrics") or {})})
-            columns = list(IDENTITY_FIELDS) + list(SUMMARY_FIELDS) + metric_keys + ["samples"]
+            columns, rows = flat_table(records)  # the table `bench export` writes, samples as images
             data = []
-            for r in records:
-                row = [_flat(r.get(k)) for k in IDENTITY_FIELDS + SUMMARY_FIELDS]
-                row += [_flat((r.get("metrics") or {}).get(k)) for k in metric_keys]
-                sample = run_dir / r["artifacts"]["samples"] if (r.get("artifacts") or {}).get("samples") else None
-                row.append(wandb.Image(str(sample), caption=r["cell_id"]) if sample and sample.is_file() else None)
-                data.append(row)
+            for r, row in zip(records, rows):
+                sample = run_dir / row["samples"] if row["samples"] else None
+                row["samples"] = wandb.Image(str(sample), caption=r["cell_id"]) if sample and sample.is_file() else None
+                data.append([row[c] for c in columns])
             payload = {"cells": wandb.Table(columns=columns, data=data, allow_mixed_types=True)}
             found = verdicts(records)
             payload["verdicts"] = wandb.Table(
