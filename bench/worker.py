@@ -101,6 +101,12 @@ def summary(record: dict) -> str:
     return f"FAILED: {record['reason']}"
 
 
+def _mirror(sink: WandbSink, run_dir: Path, record: dict) -> None:
+    """Finish the cell's W&B run with its record (once the record is on disk) and its sample grid."""
+    samples = run_dir / record["artifacts"]["samples"] if record["artifacts"].get("samples") else None
+    sink.log_cell(record, samples if samples and samples.exists() else None)
+
+
 def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, project: str,
               entity: str | None, cache_dir: Path | None = None, shard: str | None = None,
               name: str | None = None) -> int:
@@ -140,8 +146,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
         if accelerator.is_main_process:
             append_record(run_dir, record)
             print(f"[bench]   {record['status']}: {summary(record)}", flush=True)
-            samples = run_dir / record["artifacts"]["samples"] if record["artifacts"].get("samples") else None
-            sink.log_cell(record, samples if samples and samples.exists() else None)
+            _mirror(sink, run_dir, record)
         accelerator.wait_for_everyone()
     sink.close()
     return len(todo)
@@ -169,8 +174,7 @@ def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: s
         append_record(run_dir, record)
         print(DONE_MARK + json.dumps({"cell": cell.id, "status": record["status"], "summary": summary(record)}),
               flush=True)
-        samples = run_dir / record["artifacts"]["samples"] if record["artifacts"].get("samples") else None
-        sink.log_cell(record, samples if samples and samples.exists() else None)
+        _mirror(sink, run_dir, record)
         ran += 1
     sink.close()
     return ran
