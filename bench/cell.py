@@ -31,7 +31,7 @@ from ganlib.fewshot import training_positions, transfer_metrics
 from ganlib.flops import matmul_peak_flops, precision_dtype
 from ganlib.metrics import MetricConfig, evaluate_generator
 from ganlib.pretrain import pretrain_source, source_meta
-from ganlib.train import TrainingDiverged, native_channels, train
+from ganlib.train import TrainingDiverged, train
 
 FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom|kill[@rank][;...]", injects a failure at run time
 FAULTS = ("nan", "option", "oom", "kill")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError,
@@ -163,7 +163,7 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         strategy_options["no_such_option"] = 1
     cfg = matrix.train_config(cell, strategy_options=strategy_options, **overrides)
     network = cell.network
-    channels = native_channels(cell.pair.source)
+    channels = cell.pair.source.channels
 
     # the whole target domain for FID (few-shot training sees only n of it)
     domain = load_images(cell.pair.eval_target, network.size, channels)

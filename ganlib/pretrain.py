@@ -37,7 +37,7 @@ from ganlib.data import DataSpec
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
 from ganlib.preflight import check_writable
-from ganlib.train import native_channels, train
+from ganlib.train import train
 
 WEIGHT_FILES = ("generator.safetensors", "discriminator.safetensors")
 LOCK_TIMEOUT_ENV = "GANBENCH_LOCK_TIMEOUT_S"  # longest wait for another job's pretraining of the same source, s
@@ -75,7 +75,7 @@ def source_key_fields(cfg: TrainConfig, num_processes: int, mixed_precision: str
     """
     fields = {k: v for k, v in source_config(cfg).to_dict().items() if k not in _NOT_IN_KEY}
     fields["data"] = str(DataSpec.parse(cfg.data))
-    fields["channels"] = cfg.channels or native_channels(cfg.data)
+    fields["channels"] = cfg.channels or DataSpec.parse(cfg.data).channels
     fields["mixed_precision"] = mixed_precision or "no"
     fields["num_processes"] = int(num_processes)
     fields["key_version"] = KEY_VERSION

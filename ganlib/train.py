@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ganlib import checkpoint as ckpt
 from ganlib.augment import build_augment
 from ganlib.config import ArgumentParser, TrainConfig, add_arguments, from_arguments
-from ganlib.data import DATASETS, FOLDER, DataSpec, DeviceBatcher, load_images
+from ganlib.data import DataSpec, DeviceBatcher, load_images
 from ganlib.distributed import (broadcast_buffers, broadcast_object, gather_floats, make_accelerator, shutdown,
                                 unwrap)
 from ganlib.errors import UserError, exit_on_user_error
@@ -69,12 +69,6 @@ class TrainResult:
     out: Path | None = None
     generator: nn.Module | None = None  # the trained G (the EMA when on), unwrapped, for evaluation
     map_latent: Callable[[torch.Tensor], torch.Tensor] | None = None  # z -> what G receives (MineGAN's miner)
-
-
-def native_channels(data: str) -> int:
-    """Channels a dataset spec has natively (folders of images are taken as RGB)."""
-    spec = DataSpec.parse(data)
-    return 3 if spec.name == FOLDER else DATASETS.get(spec.name).channels
 
 
 def uses_channels_last(memory_format: str, device: torch.device) -> bool:
@@ -207,7 +201,7 @@ class Trainer:
         family = NETWORKS.get(cfg.net)
         self.strategy = strategy = build_strategy(cfg.strategy, cfg.strategy_options)
         self.augment = build_augment(cfg.augment, cfg.augment_options).to(device)
-        channels = cfg.channels or native_channels(cfg.data)
+        channels = cfg.channels or DataSpec.parse(cfg.data).channels
         images = load_images(cfg.data, cfg.size, channels, root=cfg.data_root or None, download=cfg.download).images
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         net_cfg = NetConfig(cfg.net, cfg.size, channels, cfg.latent_dim, cfg.width)
