@@ -89,9 +89,7 @@ def to_channels_last(module: nn.Module) -> None:
 
 def _fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
     """The fields that determine the weights (what `fingerprint` hashes)."""
-    ignore = {"out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every", "data_root",
-              "download"}
-    keep = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    keep = cfg.weight_fields()
     # Typed and with defaults filled in, so layers="2" (CLI), layers=2 (YAML) and no option hash alike.
     keep["strategy_options"] = build_strategy(cfg.strategy, cfg.strategy_options).options_dict()
     if cfg.augment == "none":  # runs from before the augmentation axis keep their fingerprint
