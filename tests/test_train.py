@@ -400,10 +400,10 @@ def spy_next(self, batch_size):
     draws["data"].append(batch.double().flatten(1).sum(1).tolist())
     return batch
 
-def spy_map_latent(self, z, step):
+def spy_map_latent(self, z, step, extras):
     if step is not None:  # training latents (evaluation and sample grids use fixed ones)
         draws["latent"].append(z.double().sum(1).tolist())
-    return real_map_latent(self, z, step)
+    return real_map_latent(self, z, step, extras)
 
 DeviceBatcher.next, Strategy.map_latent = spy_next, spy_map_latent
 start = time.perf_counter()
