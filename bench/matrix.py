@@ -23,7 +23,7 @@ from ganlib.errors import UserError
 from ganlib.extractors import EXTRACTORS
 from ganlib.metrics import MIN_SAMPLES
 from ganlib.nets import NETWORKS, NetConfig, build_networks
-from ganlib.strategies import STRATEGIES, build_strategy
+from ganlib.strategies import build_strategy
 
 PRESETS_DIR = importlib.resources.files("bench") / "presets"   # packaged matrix presets
 SETUPS_DIR = importlib.resources.files("bench") / "setups"     # packaged hardware setups
@@ -463,10 +463,6 @@ def filter_cells(cells: list[Cell], only: str | None) -> list[Cell]:
     if not kept:
         raise UserError(f"--only {only!r} matches no cell of this matrix")
     return kept
-
-
-def strategies_help() -> list[tuple[str, str]]:
-    return [(n, STRATEGIES.get(n).paper) for n in STRATEGIES.names()]
 
 
 def augments_help() -> list[tuple[str, str]]:
