@@ -436,8 +436,8 @@ class Trainer:
 
     def _g_phase(self, step: int, plan: StepPlan, fakes: Fakes, logs: dict[str, torch.Tensor]) -> None:
         """G main: D's verdict on this step's fakes plus the strategy's extra losses, back-propagated
-        with D frozen; then G's optimiser step and the EMA. A lazy G regulariser belongs after G main's
-        backward, on its own steps, as R1 does in the D phase."""
+        with D frozen; then G's optimiser step and the EMA. A lazy G regulariser (G reg) belongs in
+        this phase on the steps of its interval, before the optimiser step, as R1 in `_d_phase`."""
         accelerator = self.accelerator
         with self._g_as_planned(plan), frozen_for_phase(accelerator, self.d_modules, self.d_params, active=False):
             with accelerator.autocast():
