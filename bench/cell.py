@@ -31,7 +31,8 @@ from ganlib.fewshot import training_positions, transfer_metrics
 from ganlib.flops import matmul_peak_flops, precision_dtype
 from ganlib.metrics import MetricConfig, evaluate_generator
 from ganlib.pretrain import pretrain_source, source_meta
-from ganlib.train import TrainingDiverged, native_channels, train
+from ganlib.strategies import STRATEGIES
+from ganlib.train import TrainingDiverged, train
 
 FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom|kill[@rank][;...]", injects a failure at run time
 FAULTS = ("nan", "option", "oom", "kill")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError,
@@ -163,7 +164,7 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         strategy_options["no_such_option"] = 1
     cfg = matrix.train_config(cell, strategy_options=strategy_options, **overrides)
     network = cell.network
-    channels = native_channels(cell.pair.source)
+    channels = cell.pair.source.channels
 
     # the whole target domain for FID (few-shot training sees only n of it)
     domain = load_images(cell.pair.eval_target, network.size, channels)
@@ -177,9 +178,9 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
                              cache_dir=str(cache_dir) if cache_dir else None)
     curve_cfg = dataclasses.replace(final_cfg, num_samples=min(m.curve_samples, num_samples), precision_recall=False)
 
-    metrics: dict[str, Any] = {"timing/source_pretrain_s": None, "timing/source_cache_hit": None}  # scratch
+    metrics: dict[str, Any] = {"timing/source_pretrain_s": None, "timing/source_cache_hit": None}  # no source
     source_dir = ""
-    if cfg.strategy != "scratch" and not cfg.source_checkpoint:  # a given checkpoint needs no pretraining
+    if STRATEGIES.get(cfg.strategy).loads_source and not cfg.source_checkpoint:  # a given checkpoint: no pretraining
         src_cfg = matrix.source_config(cell, progress=False)
         # cache_dir is the cache root (as $GANBENCH_CACHE): sources live in its sources/ (ganlib.pretrain)
         entry, hit = pretrain_source(src_cfg, Path(cache_dir) / "sources" if cache_dir else None, accelerator,

@@ -23,8 +23,7 @@ from ganlib.errors import UserError
 from ganlib.extractors import EXTRACTORS
 from ganlib.metrics import MIN_SAMPLES
 from ganlib.nets import NETWORKS, NetConfig, build_networks
-from ganlib.strategies import STRATEGIES, build_strategy
-from ganlib.train import native_channels
+from ganlib.strategies import build_strategy
 
 PRESETS_DIR = importlib.resources.files("bench") / "presets"   # packaged matrix presets
 SETUPS_DIR = importlib.resources.files("bench") / "setups"     # packaged hardware setups
@@ -174,7 +173,7 @@ class Matrix:
 
     def train_config(self, cell: Cell, **overrides) -> TrainConfig:
         """The transfer TrainConfig of a cell (source and output filled in by the runner)."""
-        channels = native_channels(cell.pair.source)
+        channels = cell.pair.source.channels
         values = {**self.train, "net": cell.network.name, "size": cell.network.size, "width": cell.network.width,
                   "channels": channels, "data": str(cell.pair.target), "strategy": cell.strategy.name,
                   "strategy_options": dict(cell.strategy.options), "augment": cell.augment.name,
@@ -410,7 +409,7 @@ def _check_cells(matrix: Matrix, where: str) -> None:
     checked = set()
     for net in matrix.networks:
         for pair in matrix.pairs:
-            key = (net, native_channels(pair.source))
+            key = (net, pair.source.channels)
             if key in checked:
                 continue
             checked.add(key)
@@ -426,7 +425,7 @@ def check_data(matrix: Matrix) -> None:
     from ganlib.data import data_root, load_images
 
     for pair in matrix.pairs:
-        channels = native_channels(pair.source)
+        channels = pair.source.channels
         for spec in (pair.source, pair.target):
             if spec.name == FOLDER:
                 load_images(spec, 8, channels)
@@ -464,10 +463,6 @@ def filter_cells(cells: list[Cell], only: str | None) -> list[Cell]:
     if not kept:
         raise UserError(f"--only {only!r} matches no cell of this matrix")
     return kept
-
-
-def strategies_help() -> list[tuple[str, str]]:
-    return [(n, STRATEGIES.get(n).paper) for n in STRATEGIES.names()]
 
 
 def augments_help() -> list[tuple[str, str]]:

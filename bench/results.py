@@ -1,7 +1,7 @@
 """The run's record: read and write `results.jsonl`, group cells and aggregate them over seeds.
 
-One JSON object per line, one line per finished cell (schema in the common brief). The local
-file is the record; W&B and the HTML report are built from it, never the other way round.
+One JSON object per line, one line per finished cell (its fields: bench/cell.py; SCHEMA_VERSION below).
+The local file is the record; W&B and the HTML report are built from it, never the other way round.
 """
 
 from __future__ import annotations

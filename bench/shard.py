@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from bench.matrix import Cell, Matrix
 from ganlib.errors import UserError
+from ganlib.strategies import STRATEGIES
 
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -59,15 +60,19 @@ def cell_cost(matrix: Matrix, cell: Cell) -> float:
 
 
 def source_cost(matrix: Matrix, cell: Cell) -> float:
-    """Expected cost of pretraining the cell's source (0 for scratch, which has none)."""
-    return 0.0 if cell.strategy.name == "scratch" else matrix.source_steps * _step_cost(matrix, cell)
+    """Expected cost of pretraining the cell's source (0 for a strategy that loads none: scratch)."""
+    return matrix.source_steps * _step_cost(matrix, cell) if _loads_source(cell) else 0.0
 
 
 def source_group(cell: Cell) -> tuple | None:
-    """Cells with equal groups share one pretrained source; None for scratch, which needs none."""
-    if cell.strategy.name == "scratch":
+    """Cells with equal groups share one pretrained source; None for a strategy that loads none (scratch)."""
+    if not _loads_source(cell):
         return None
     return (str(cell.pair.source), cell.network, cell.setup, cell.seed)  # a source is trained with the cell's seed
+
+
+def _loads_source(cell: Cell) -> bool:
+    return STRATEGIES.get(cell.strategy.name).loads_source
 
 
 def _group_key(cell: Cell) -> tuple:

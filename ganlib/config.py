@@ -19,6 +19,12 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 MIXED_PRECISIONS = ("", "no", "bf16", "fp16")  # "" = whatever `accelerate launch` configured
 
 
+def _run_only(default: Any) -> Any:
+    """A field that does not change the weights (where files go, logging, timing): `weight_fields`
+    leaves it out, so no fingerprint or source-cache key depends on it."""
+    return field(default=default, metadata={"fingerprint": False})
+
+
 @dataclass
 class TrainConfig:
     """Everything that determines one training run (with the seed, it fixes the result on CPU)."""
@@ -29,8 +35,8 @@ class TrainConfig:
     latent_dim: int = 100         # length of the latent vector z
     channels: int = 0             # image channels; 0 = the dataset's native channels
     data: str = "mnist5k"         # dataset spec, e.g. mnist5k:classes=5-9:n=25 (see ganlib.data.DataSpec)
-    data_root: str = ""           # torchvision datasets root; "" = $GANBENCH_DATA or ~/.cache/ganbench/data
-    download: bool = False        # let torchvision download missing datasets (needs internet)
+    data_root: str = _run_only("")      # torchvision datasets root; "" = $GANBENCH_DATA or ~/.cache/ganbench/data
+    download: bool = _run_only(False)   # let torchvision download missing datasets (needs internet)
     loss: str = "nonsat"          # nonsat | hinge
     r1_gamma: float = 0.0         # R1 penalty weight gamma on real images; 0 = off
     r1_interval: int = 16         # lazy R1: apply every this many D steps, scaled by the interval
@@ -51,13 +57,13 @@ class TrainConfig:
     mixed_precision: str = ""     # no | bf16 | fp16; "" = whatever `accelerate launch` configured
     compile: bool = False         # torch.compile the networks (kernels cached in $GANBENCH_CACHE/inductor)
     memory_format: str = "auto"   # conv nets: channels_last | contiguous | auto (channels_last on CPU only)
-    out: str = "runs/train"       # output directory
-    ckpt_every: int = 0           # checkpoint every N steps (0 = only at the end)
-    resume: bool = False          # continue from out/checkpoint if present
-    log_every: int = 25           # read losses back from the device every N steps (a host sync)
-    warmup_steps: int = 5         # steps excluded from timing
-    eval_every: int = 0           # evaluation callback interval in steps (0 = off); used by bench
-    progress: bool = True         # tqdm bar on the main process
+    out: str = _run_only("runs/train")  # output directory
+    ckpt_every: int = _run_only(0)      # checkpoint every N steps (0 = only at the end)
+    resume: bool = _run_only(False)     # continue from out/checkpoint if present
+    log_every: int = _run_only(25)      # read losses back from the device every N steps (a host sync)
+    warmup_steps: int = _run_only(5)    # steps excluded from timing
+    eval_every: int = _run_only(0)      # evaluation callback interval in steps (0 = off); used by bench
+    progress: bool = _run_only(True)    # tqdm bar on the main process
 
     def validate(self) -> "TrainConfig":
         """Check values that need no I/O; raise UserError naming the field."""
@@ -89,6 +95,11 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def weight_fields(self) -> dict[str, Any]:
+        """`to_dict()` without the run-only fields (`_run_only`): the values that determine the weights."""
+        return {f.name: value for f, value in zip(dataclasses.fields(self), self.to_dict().values())
+                if f.metadata.get("fingerprint", True)}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> "TrainConfig":

@@ -37,19 +37,19 @@ from ganlib.data import DataSpec
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
 from ganlib.preflight import check_writable
-from ganlib.train import native_channels, train
+from ganlib.train import train
 
 WEIGHT_FILES = ("generator.safetensors", "discriminator.safetensors")
 LOCK_TIMEOUT_ENV = "GANBENCH_LOCK_TIMEOUT_S"  # longest wait for another job's pretraining of the same source, s
 LOCK_TIMEOUT_S = 3600.0  # its default: a long pretraining elsewhere; bench sets it below its collective timeout
 KEY_VERSION = 2  # bump when a cached source would come out different (2: NHWC on CPU, whole-map matmuls)
 
-# TrainConfig fields that do not change the weights (where files go, logging, timing) or that are
-# replaced for pretraining (strategy, source). Every other field, including ones added later, is
-# part of the key: a needless cache miss costs time, a wrong hit gives wrong weights.
+# Besides the run-only fields (TrainConfig.weight_fields leaves those out), the fields a source's
+# key ignores: how the kernels run, and what pretraining replaces (strategy, source). Every other
+# field, including ones added later, is part of the key: a needless cache miss costs time, a wrong
+# hit gives wrong weights.
 _NOT_IN_KEY = frozenset({
-    "out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every",
-    "data_root", "download", "compile", "memory_format", "strategy", "strategy_options", "source",
+    "compile", "memory_format", "strategy", "strategy_options", "source",
     "mixed_precision",  # replaced by the precision the accelerator actually runs
     "augment", "augment_options",  # a source is always pretrained without augmentation
 })
@@ -73,9 +73,9 @@ def source_key_fields(cfg: TrainConfig, num_processes: int, mixed_precision: str
     `num_processes` counts because the batch is per process; `mixed_precision` is what the
     accelerator runs ("no", "bf16", "fp16"), not the config's "" (= whatever the launcher chose).
     """
-    fields = {k: v for k, v in source_config(cfg).to_dict().items() if k not in _NOT_IN_KEY}
+    fields = {k: v for k, v in source_config(cfg).weight_fields().items() if k not in _NOT_IN_KEY}
     fields["data"] = str(DataSpec.parse(cfg.data))
-    fields["channels"] = cfg.channels or native_channels(cfg.data)
+    fields["channels"] = cfg.channels or DataSpec.parse(cfg.data).channels
     fields["mixed_precision"] = mixed_precision or "no"
     fields["num_processes"] = int(num_processes)
     fields["key_version"] = KEY_VERSION

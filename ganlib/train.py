@@ -3,11 +3,11 @@
 Run it:  python -m ganlib.train --net dcgan --data mnist5k --steps 300 --out runs/x
 or the same under `accelerate launch` (any number of processes, any precision).
 
-Each step is a list of phases as in stylegan2-ada: a D phase (adversarial loss, lazy R1) and a G
-phase (adversarial loss plus the strategy's extra losses). The strategy switches phases and
-trainable sets on and off; the loop never forks. D sees every image, real or fake, through the
-configured augmentation (ganlib.augment), in both phases. Losses stay on the device and are read back only
-every `log_every` steps, so there is no host sync inside a step.
+Each step is a list of phases as in stylegan2-ada: a D phase (`Trainer._d_phase`: adversarial loss,
+lazy R1) and a G phase (`Trainer._g_phase`: adversarial loss plus the strategy's extra losses). The
+strategy switches phases and trainable sets on and off; the loop never forks. D sees every image,
+real or fake, through the configured augmentation (ganlib.augment), in both phases. Losses stay on
+the device and are read back only every `log_every` steps, so there is no host sync inside a step.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ganlib import checkpoint as ckpt
 from ganlib.augment import build_augment
 from ganlib.config import ArgumentParser, TrainConfig, add_arguments, from_arguments
-from ganlib.data import DATASETS, FOLDER, DataSpec, DeviceBatcher, load_images
+from ganlib.data import DataSpec, DeviceBatcher, load_images
 from ganlib.distributed import (broadcast_buffers, broadcast_object, gather_floats, make_accelerator, shutdown,
                                 unwrap)
 from ganlib.errors import UserError, exit_on_user_error
@@ -42,7 +42,7 @@ from ganlib.losses import LOSSES, r1_penalty
 from ganlib.measure import StepClock, peak_memory_gb, percentile, reset_peak_memory
 from ganlib.nets import NETWORKS, NetConfig, build_networks
 from ganlib.nets.rosinality import load_source_checkpoint
-from ganlib.strategies import GStepContext, SetupContext, build_strategy
+from ganlib.strategies import GStepContext, SetupContext, StepPlan, build_strategy
 
 SAMPLE_GRID = 64  # images in the fixed-noise sample grid
 SAMPLES_BYTES = 4 * 2**20  # room kept for samples.png, metrics.json and meta files, bytes
@@ -61,6 +61,15 @@ LogFn = Callable[[str, "dict[str, Any]"], None]
 
 
 @dataclass
+class Fakes:
+    """One G forward, shared by a step's two phases."""
+
+    z: torch.Tensor                              # latents G received (after the strategy's `map_latent`)
+    images: torch.Tensor                         # G(z), with its graph when the G phase runs
+    features: list[torch.Tensor] | None = None   # G's per-block activations when the strategy wants them
+
+
+@dataclass
 class TrainResult:
     """What a run produced; `metrics` uses the namespaced keys of results.jsonl."""
 
@@ -69,12 +78,6 @@ class TrainResult:
     out: Path | None = None
     generator: nn.Module | None = None  # the trained G (the EMA when on), unwrapped, for evaluation
     map_latent: Callable[[torch.Tensor], torch.Tensor] | None = None  # z -> what G receives (MineGAN's miner)
-
-
-def native_channels(data: str) -> int:
-    """Channels a dataset spec has natively (folders of images are taken as RGB)."""
-    spec = DataSpec.parse(data)
-    return 3 if spec.name == FOLDER else DATASETS.get(spec.name).channels
 
 
 def uses_channels_last(memory_format: str, device: torch.device) -> bool:
@@ -95,9 +98,7 @@ def to_channels_last(module: nn.Module) -> None:
 
 def _fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
     """The fields that determine the weights (what `fingerprint` hashes)."""
-    ignore = {"out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every", "data_root",
-              "download"}
-    keep = {k: v for k, v in cfg.to_dict().items() if k not in ignore}
+    keep = cfg.weight_fields()
     # Typed and with defaults filled in, so layers="2" (CLI), layers=2 (YAML) and no option hash alike.
     keep["strategy_options"] = build_strategy(cfg.strategy, cfg.strategy_options).options_dict()
     if cfg.augment == "none":  # runs from before the augmentation axis keep their fingerprint
@@ -207,7 +208,7 @@ class Trainer:
         family = NETWORKS.get(cfg.net)
         self.strategy = strategy = build_strategy(cfg.strategy, cfg.strategy_options)
         self.augment = build_augment(cfg.augment, cfg.augment_options).to(device)
-        channels = cfg.channels or native_channels(cfg.data)
+        channels = cfg.channels or DataSpec.parse(cfg.data).channels
         images = load_images(cfg.data, cfg.size, channels, root=cfg.data_root or None, download=cfg.download).images
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         net_cfg = NetConfig(cfg.net, cfg.size, channels, cfg.latent_dim, cfg.width)
@@ -243,13 +244,15 @@ class Trainer:
         D.to(device)
         strategy.setup(SetupContext(G=G, D=D, family=family, loss=loss, device=device, seed=cfg.seed,
                                     total_steps=cfg.steps, batch_size=cfg.batch, num_images=len(images)))
-        for extra in (*strategy.extra_g_modules.values(), *strategy.extra_d_modules.values()):
+        # The strategy's declared extra modules: the loop owns them from here and never writes them back.
+        g_extras, d_extras = dict(strategy.extra_g_modules), dict(strategy.extra_d_modules)
+        for extra in (*g_extras.values(), *d_extras.values()):
             extra.to(device)
         if images.dim() == 4 and uses_channels_last(cfg.memory_format, device):
             to_channels_last(G)
             to_channels_last(D)
-        g_side = [G, *strategy.extra_g_modules.values()]
-        d_side = [D, *strategy.extra_d_modules.values()]
+        g_side = [G, *g_extras.values()]
+        d_side = [D, *d_extras.values()]
         self.n_trainable = sum(p.numel() for m in g_side + d_side for p in m.parameters() if p.requires_grad)
         self.n_frozen = sum(p.numel() for m in g_side + d_side for p in m.parameters() if not p.requires_grad)
         opt_g = _make_optimizer(_trainable(g_side), cfg.lr_g, cfg)
@@ -258,27 +261,25 @@ class Trainer:
         _preflight(accelerator, self.out, output_bytes(g_side + d_side, [*opt_g.param_groups, *opt_d.param_groups],
                                                        self.ema))
 
-        g_extras, d_extras = list(strategy.extra_g_modules), list(strategy.extra_d_modules)
-        prepared = accelerator.prepare(G, D, *strategy.extra_g_modules.values(),
-                                       *strategy.extra_d_modules.values(), opt_g, opt_d)
+        prepared = accelerator.prepare(G, D, *g_extras.values(), *d_extras.values(), opt_g, opt_d)
         self.G, self.D = prepared[0], prepared[1]
-        self.extras = dict(zip(g_extras + d_extras, prepared[2:-2]))
-        strategy.extra_g_modules = {k: self.extras[k] for k in g_extras}
-        strategy.extra_d_modules = {k: self.extras[k] for k in d_extras}
+        # The prepared extras by name, which the strategy's hooks are handed (`map_latent`, `discriminate`,
+        # GStepContext.extras) instead of the modules they declared.
+        self.extras = dict(zip([*g_extras, *d_extras], prepared[2:-2]))
         self.opt_g, self.opt_d = prepared[-2], prepared[-1]
         self.g_body_params = [p for p in self.G.parameters() if p.requires_grad]
-        self.d_modules = [self.D, *strategy.extra_d_modules.values()]
+        self.d_modules = [self.D, *(self.extras[name] for name in d_extras)]
         self.d_params = _trainable(self.d_modules)
 
         self.batcher = DeviceBatcher(images, device, seed=cfg.seed * 1000 + rank)
         self.z_gen = torch.Generator(device=device)
         self.z_gen.manual_seed(cfg.seed * 1000 + 500 + rank)
-        self.generators = {"data": self.batcher.generator, "latent": self.z_gen}
+        self.rngs = {"data": self.batcher.generator, "latent": self.z_gen}  # random streams a checkpoint keeps
         # Each process augments its own images with its own stream, as it draws its own data and latents.
         self.aug_gen = torch.Generator(device=device)
         self.aug_gen.manual_seed(cfg.seed * 1000 + 700 + rank)
         if cfg.augment != "none":  # checkpoints of runs without augmentation hold no such stream
-            self.generators["augment"] = self.aug_gen
+            self.rngs["augment"] = self.aug_gen
         self.fixed_z = torch.randn(SAMPLE_GRID, cfg.latent_dim, generator=torch.Generator().manual_seed(cfg.seed)
                                    ).to(device)
         # fp16's loss scale is optimiser state too: without it a resumed run is not the same run.
@@ -294,10 +295,10 @@ class Trainer:
             self._restore(resume_from, meta)
 
     def _restore(self, resume_from: Path, meta: dict[str, Any]) -> None:
-        for name, module in self._modules_to_save().items():
+        for name, module in self._saved_modules().items():
             ckpt.load_weights(resume_from / f"{name}.safetensors", module, f"checkpoint {name}")
         ckpt.load_optimizers(resume_from, self.optimizer_states)
-        ckpt.set_rng_state(ckpt.load_rng(resume_from, self.rank), self.generators)
+        ckpt.set_rng_state(ckpt.load_rng(resume_from, self.rank), self.rngs)
         self.start_step = meta["step"]
         if "progress" in meta:
             progress = meta["progress"]
@@ -308,7 +309,9 @@ class Trainer:
                             for logs in progress["unread"]]
             self.augment.load_state_dict(progress.get("augment", {}), self.accelerator.is_main_process)
 
-    def _modules_to_save(self) -> dict[str, nn.Module]:
+    def _saved_modules(self) -> dict[str, nn.Module]:
+        """What a run saves, unwrapped, by file stem (`<stem>.safetensors`), in the final outputs and
+        in every checkpoint alike: G, D, the strategy's extras and the EMA when on."""
         modules = {"generator": unwrap(self.accelerator, self.G), "discriminator": unwrap(self.accelerator, self.D),
                    **{k: unwrap(self.accelerator, m) for k, m in self.extras.items()}}
         if self.ema is not None:
@@ -318,7 +321,7 @@ class Trainer:
     def save(self, step: int) -> None:
         """Checkpoint after `step` steps (every process calls it; the main process writes weights)."""
         accelerator = self.accelerator
-        broadcast_buffers(accelerator, [self.G, self.D, *self.extras.values(), *([self.ema] if self.ema else [])])
+        broadcast_buffers(accelerator, list(self._saved_modules().values()))
         # What a resumed run needs to report like an uninterrupted one: curves, seconds so far, and the
         # losses not yet read back (averaged over processes now, as `_read_logs` would have).
         unread = [dict(zip(sorted(logs), accelerator.reduce(torch.stack([logs[k].float() for k in sorted(logs)]),
@@ -328,10 +331,10 @@ class Trainer:
         tmp = ckpt.begin_checkpoint(self.resume_dir) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         ckpt.write_rng(self.resume_dir.with_name(f".{self.resume_dir.name}.tmp"), self.rank,
-                       ckpt.rng_state(self.generators))
+                       ckpt.rng_state(self.rngs))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            ckpt.finish_checkpoint(tmp, self.resume_dir, step=step, modules=self._modules_to_save(),
+            ckpt.finish_checkpoint(tmp, self.resume_dir, step=step, modules=self._saved_modules(),
                                    optimizers=self.optimizer_states,
                                    meta={"fingerprint": fingerprint(self.cfg), "config": self.cfg.to_dict(),
                                          "num_processes": self.world,
@@ -346,7 +349,7 @@ class Trainer:
         return self.ema if self.ema is not None else unwrap(self.accelerator, self.G)
 
     def map_latent_eval(self, z: torch.Tensor) -> torch.Tensor:
-        return self.strategy.map_latent(z, None)
+        return self.strategy.map_latent(z, None, self.extras)
 
     def run_eval(self, step: int) -> None:
         if self.eval_fn is None:
@@ -364,74 +367,97 @@ class Trainer:
                 self.log_fn("fid", self.fid_curve[-1])
 
     def step(self, step: int) -> dict[str, torch.Tensor]:
-        """One training step (D phase, G phase, as the strategy plans); returns its losses, on the device."""
-        cfg, accelerator, strategy, G, D, augment = (self.cfg, self.accelerator, self.strategy, self.G, self.D,
-                                                     self.augment)
-        plan = strategy.plan(step)
+        """One training step: the D phase, then the G phase, each when the strategy's plan runs it.
+
+        As in stylegan2-ada's training loop, a phase is a loss, its lazy regulariser on the steps of
+        its interval, and its optimiser's step, while the other side is frozen. Both phases use one
+        G forward (`_generate`, as the PyTorch DCGAN example does): the D phase scores its images
+        detached, the G phase back-propagates through them. Returns the step's losses, on the device.
+        """
+        plan = self.strategy.plan(step)
         logs: dict[str, torch.Tensor] = {}
-        with ExitStack() as g_phase:
-            g_phase.enter_context(source_norm_stats(G, active=plan.g_source_stats))
-            g_out = None
-            if plan.train_g:
-                # One G forward per step: the D phase scores these images detached and the G phase
-                # back-propagates through them (as the PyTorch DCGAN example does), saving a G forward.
-                g_phase.enter_context(frozen_for_phase(accelerator, [G], self.g_body_params, active=plan.g_body))
-                z = torch.randn(cfg.batch, cfg.latent_dim, device=self.device, generator=self.z_gen)
-                with accelerator.autocast():
-                    z_in = strategy.map_latent(z, step)
-                    g_out = G(z_in, return_features=True) if strategy.wants_g_features else (G(z_in), None)
-
-            if plan.train_d:
-                real = self.batcher.next(cfg.batch)
-                if g_out is not None:
-                    fake = g_out[0].detach()
-                else:
-                    z = torch.randn(cfg.batch, cfg.latent_dim, device=self.device, generator=self.z_gen)
-                    with torch.no_grad(), accelerator.autocast():
-                        fake = G(strategy.map_latent(z, step))
-                do_r1 = cfg.r1_gamma > 0 and step % cfg.r1_interval == 0
-                if do_r1:
-                    real.requires_grad_(True)
-                with accelerator.autocast():
-                    # D sees only augmented images; R1 differentiates with respect to the reals before
-                    # augmentation, through it, as stylegan2-ada does.
-                    real_logits = strategy.discriminate(D, augment(real, self.aug_gen), step)
-                    fake_logits = strategy.discriminate(D, augment(fake, self.aug_gen), step)
-                    loss_d = self.loss.d_loss(real_logits, fake_logits)
-                    logs["loss/D"] = loss_d.detach()
-                    augment.observe(real_logits)
-                    if do_r1:
-                        penalty = r1_penalty(real_logits, real)
-                        logs["loss/D/r1"] = penalty.detach()
-                        loss_d = loss_d + penalty * self.r1_scale
-                accelerator.backward(loss_d)
-                self.opt_d.step()
-                self.opt_d.zero_grad(set_to_none=True)
-
-            if plan.train_g:
-                fake, feats = g_out
-                with frozen_for_phase(accelerator, self.d_modules, self.d_params, active=False):
-                    with accelerator.autocast():
-                        loss_g = self.loss.g_loss(strategy.discriminate(D, augment(fake, self.aug_gen), step))
-                        logs["loss/G"] = loss_g.detach()
-                        extra = strategy.g_extra_losses(GStepContext(step=step, z=z_in, fake=fake,
-                                                                     g_features=feats, G=G))
-                        for name, value in extra.items():
-                            logs[f"loss/G/{name}"] = value.detach()
-                            loss_g = loss_g + value
-                    accelerator.backward(loss_g)
+        fakes = self._generate(step, plan) if plan.train_g else None
+        if plan.train_d:
+            self._d_phase(step, plan, fakes, logs)
         if plan.train_g:
-            self.opt_g.step()
-            self.opt_g.zero_grad(set_to_none=True)
-            if self.ema is not None:
-                with torch.no_grad():
-                    src = unwrap(accelerator, G)
-                    torch._foreach_lerp_(list(self.ema.parameters()), list(src.parameters()), 1.0 - cfg.ema_decay)
-                    for b_ema, b in zip(self.ema.buffers(), src.buffers()):
-                        b_ema.copy_(b)
-        augment.end_step(step, self._reduce_sum)
-        logs.update(augment.logs())
+            self._g_phase(step, plan, fakes, logs)
+        self.augment.end_step(step, self._reduce_sum)
+        logs.update(self.augment.logs())
         return logs
+
+    @contextmanager
+    def _g_as_planned(self, plan: StepPlan):
+        """Inside: G as `plan` trains it: its BatchNorm on the source statistics when `g_source_stats`,
+        its body frozen (no gradient, no DDP all-reduce) unless `g_body`."""
+        with source_norm_stats(self.G, active=plan.g_source_stats), \
+                frozen_for_phase(self.accelerator, [self.G], self.g_body_params, active=plan.g_body):
+            yield
+
+    def _generate(self, step: int, plan: StepPlan, grad: bool = True) -> Fakes:
+        """Fakes from this step's latents; with `grad`, their graph for the G phase."""
+        cfg, G, strategy = self.cfg, self.G, self.strategy
+        z = torch.randn(cfg.batch, cfg.latent_dim, device=self.device, generator=self.z_gen)
+        with self._g_as_planned(plan), torch.set_grad_enabled(grad), self.accelerator.autocast():
+            z_in = strategy.map_latent(z, step, self.extras)
+            images, features = G(z_in, return_features=True) if strategy.wants_g_features else (G(z_in), None)
+        return Fakes(z=z_in, images=images, features=features)
+
+    def _discriminate(self, images: torch.Tensor, step: int) -> torch.Tensor:
+        """D's logits for `images` after the augmentation, as the strategy scores them."""
+        return self.strategy.discriminate(self.D, self.augment(images, self.aug_gen), step, self.extras)
+
+    def _r1_due(self, step: int) -> bool:
+        """Whether D's lazy regulariser (R1) runs at `step`: every `r1_interval` steps when on."""
+        return self.cfg.r1_gamma > 0 and step % self.cfg.r1_interval == 0
+
+    def _d_phase(self, step: int, plan: StepPlan, fakes: Fakes | None, logs: dict[str, torch.Tensor]) -> None:
+        """D main (real vs fake) and, on R1 steps, D reg: R1 on the reals, scaled by its interval,
+        added to the same backward (stylegan2-ada's Dboth); then D's optimiser step."""
+        real = self.batcher.next(self.cfg.batch)
+        fake = fakes.images.detach() if fakes is not None else self._generate(step, plan, grad=False).images
+        r1 = self._r1_due(step)
+        if r1:
+            real.requires_grad_(True)
+        with self.accelerator.autocast():
+            # D sees only augmented images; R1 differentiates with respect to the reals before
+            # augmentation, through it, as stylegan2-ada does.
+            real_logits = self._discriminate(real, step)
+            fake_logits = self._discriminate(fake, step)
+            loss_d = self.loss.d_loss(real_logits, fake_logits)
+            logs["loss/D"] = loss_d.detach()
+            self.augment.observe(real_logits)
+            if r1:
+                penalty = r1_penalty(real_logits, real)
+                logs["loss/D/r1"] = penalty.detach()
+                loss_d = loss_d + penalty * self.r1_scale
+        self.accelerator.backward(loss_d)
+        self.opt_d.step()
+        self.opt_d.zero_grad(set_to_none=True)
+
+    def _g_phase(self, step: int, plan: StepPlan, fakes: Fakes, logs: dict[str, torch.Tensor]) -> None:
+        """G main: D's verdict on this step's fakes plus the strategy's extra losses, back-propagated
+        with D frozen; then G's optimiser step and the EMA. A lazy G regulariser (G reg) belongs in
+        this phase on the steps of its interval, before the optimiser step, as R1 in `_d_phase`."""
+        accelerator = self.accelerator
+        with self._g_as_planned(plan), frozen_for_phase(accelerator, self.d_modules, self.d_params, active=False):
+            with accelerator.autocast():
+                loss_g = self.loss.g_loss(self._discriminate(fakes.images, step))
+                logs["loss/G"] = loss_g.detach()
+                extra = self.strategy.g_extra_losses(GStepContext(step=step, z=fakes.z, fake=fakes.images,
+                                                                  g_features=fakes.features, G=self.G,
+                                                                  extras=self.extras))
+                for name, value in extra.items():
+                    logs[f"loss/G/{name}"] = value.detach()
+                    loss_g = loss_g + value
+            accelerator.backward(loss_g)
+        self.opt_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            with torch.no_grad():
+                src = unwrap(accelerator, self.G)
+                torch._foreach_lerp_(list(self.ema.parameters()), list(src.parameters()), 1.0 - self.cfg.ema_decay)
+                for b_ema, b in zip(self.ema.buffers(), src.buffers()):
+                    b_ema.copy_(b)
 
     def run(self) -> TrainResult:
         """Train from `start_step` to `cfg.steps`, measuring as it goes; writes outputs (main process)."""
@@ -439,7 +465,7 @@ class Trainer:
         clock = StepClock(device, warmup=cfg.warmup_steps)
         step_flops = 0
         # The FLOP counter's module hooks cannot run inside autograd.grad, so skip a lazy-R1 step.
-        flop_step = self.start_step + int(cfg.r1_gamma > 0 and self.start_step % cfg.r1_interval == 0)
+        flop_step = self.start_step + int(self._r1_due(self.start_step))
         reset_peak_memory(device)
         if self.eval_fn is not None and cfg.eval_every and self.start_step == 0:
             self.run_eval(0)
@@ -477,8 +503,7 @@ class Trainer:
         metrics = self._metrics(clock, step_flops)
         self.save(cfg.steps)
         if accelerator.is_main_process:
-            _write_outputs(self.out, accelerator, self.G, self.D, self.extras, self.ema, self.eval_generator(),
-                           self.map_latent_eval, self.fixed_z)
+            _write_outputs(self.out, self._saved_modules(), self.eval_generator(), self.map_latent_eval, self.fixed_z)
         metrics["timing/wall_s"] = time.perf_counter() - self.wall_start
         metrics = broadcast_object(accelerator, metrics)  # step times and walls differ per process: the main's
         if accelerator.is_main_process:
@@ -579,15 +604,12 @@ def _read_logs(accelerator, pending: list[dict[str, torch.Tensor]], step: int) -
     return row
 
 
-def _write_outputs(out: Path, accelerator, G, D, extras, ema, gen, map_latent, fixed_z) -> None:
-    """Main process: final weights (same parameter names as the source), a fixed-noise sample grid."""
+def _write_outputs(out: Path, modules: dict[str, nn.Module], gen, map_latent, fixed_z) -> None:
+    """Main process: final weights (`Trainer._saved_modules`; same parameter names as the source), a
+    fixed-noise sample grid."""
     out.mkdir(parents=True, exist_ok=True)
-    ckpt.save_weights(out / "generator.safetensors", unwrap(accelerator, G))
-    ckpt.save_weights(out / "discriminator.safetensors", unwrap(accelerator, D))
-    for name, module in extras.items():
-        ckpt.save_weights(out / f"{name}.safetensors", unwrap(accelerator, module))
-    if ema is not None:
-        ckpt.save_weights(out / "generator_ema.safetensors", ema)
+    for name, module in modules.items():
+        ckpt.save_weights(out / f"{name}.safetensors", module)
     was_training = gen.training
     gen.eval()
     with torch.no_grad():

@@ -49,6 +49,23 @@ def test_every_field_has_a_flag_that_sets_it(name):
     assert others == {k: v for k, v in TrainConfig().to_dict().items() if k != name}
 
 
+# Where files go, logging and timing: the only fields no fingerprint or source key may depend on.
+RUN_ONLY = {"out", "resume", "progress", "ckpt_every", "log_every", "warmup_steps", "eval_every", "data_root",
+            "download"}
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TrainConfig)
+                                  if f.name not in ("strategy_options", "augment_options")])
+def test_weight_fields_follow_every_field_but_the_run_only_ones(name):
+    base = TrainConfig()
+    changed = dataclasses.replace(base, **{name: _other_value(name, getattr(base, name))[0]})
+    if name in RUN_ONLY:
+        assert changed.weight_fields() == base.weight_fields()
+    else:
+        assert changed.weight_fields() != base.weight_fields()
+    assert set(base.to_dict()) - set(base.weight_fields()) == RUN_ONLY
+
+
 def test_strategy_options_repeat_and_stay_strings_until_the_strategy_types_them():
     cfg = parse("--strategy", "freeze_d", "--strategy-opt", "layers=2", "--strategy-opt", "x=a=b")
     assert cfg.strategy_options == {"layers": "2", "x": "a=b"}

@@ -61,6 +61,13 @@ def test_parse_canonical_text_and_dict_form():
     assert DataSpec.parse("folder:/a/faces").slug != DataSpec.parse("folder:/b/faces").slug
 
 
+def test_spec_knows_its_native_channels():
+    # what a cell trains in when the matrix gives no channels: grey digits, RGB photos, folders as RGB
+    assert DataSpec.parse("mnist5k:classes=0-4:n=25").channels == 1
+    assert DataSpec.parse("cifar10:split=test").channels == 3
+    assert DataSpec.parse("folder:data/faces").channels == 3
+
+
 @pytest.mark.parametrize("bad, fragment", [
     ("", "no dataset name"),
     ("imagenet", "unknown dataset 'imagenet'"),

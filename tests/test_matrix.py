@@ -320,3 +320,14 @@ def test_augment_is_an_axis_for_all_strategies_or_per_strategy_entry():
     record = identity(matrix, cells[2], "r")
     assert record["strategy"] == "finetune+ada" and record["augment"] == "ada"
     assert record["augment_options"] == {"target": 0.7}
+
+
+def test_validating_a_matrix_does_not_import_the_training_loop():
+    # Checking a matrix needs the data specs, registries and networks, never ganlib.train (which pulls
+    # in the loop's dependencies): facts about data belong to the data spec.
+    import subprocess
+    import sys
+
+    code = "import sys, bench.matrix; print('ganlib.train' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

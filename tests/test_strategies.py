@@ -388,15 +388,15 @@ def test_cdc_draws_near_one_anchor_per_training_image_and_scores_shallow_patches
                            device=torch.device("cpu"), seed=0, total_steps=1, batch_size=8, num_images=25))
     assert cdc.anchor_z.shape == (25, TINY["latent_dim"])
     z = torch.randn(200, TINY["latent_dim"])
-    near = cdc.map_latent(z, 0)                        # step 0 is an anchor step
+    near = cdc.map_latent(z, 0, {})                    # step 0 is an anchor step
     offsets = near - 0.1 * z                           # each row: one of the anchors
     hits = (offsets[:, None] - cdc.anchor_z[None]).norm(dim=2).min(1)
     assert hits.values.max() < 1e-5
     assert len(set(hits.indices.tolist())) > 20        # random anchors, not the first batch-size ones
-    assert torch.equal(cdc.map_latent(z, 1), z)        # other steps: the ordinary prior
+    assert torch.equal(cdc.map_latent(z, 1, {}), z)    # other steps: the ordinary prior
     images = torch.zeros(3, 1, 28, 28)
-    assert cdc.discriminate(D, images, 1).shape == (3, 14 * 14)   # patches of D's first block (14x14)
-    assert cdc.discriminate(D, images, 0).shape == (3,)
+    assert cdc.discriminate(D, images, 1, cdc.extra_d_modules).shape == (3, 14 * 14)  # patches of D's first block (14x14)
+    assert cdc.discriminate(D, images, 0, cdc.extra_d_modules).shape == (3,)
 
 
 def test_freeze_d_freezes_one_block_by_default():

@@ -121,6 +121,15 @@ def test_same_config_and_seed_give_bitwise_identical_weights(tiny_config, tmp_pa
         assert_bitwise(tmp_path / "a", tmp_path / "c", ["generator"])
 
 
+def test_lazy_r1_runs_on_the_steps_of_its_interval_and_reaches_d(tiny_config, tmp_path):
+    # stylegan2-ada's lazy regularisation: R1 on steps 0, 3 and 6 of 7 only, and what D learns changes
+    lazy = train(tiny_config(steps=7, log_every=1, r1_gamma=1.0, r1_interval=3, out=str(tmp_path / "r1")))
+    assert [row["step"] for row in lazy.curves["train"] if "loss/D/r1" in row] == [1, 4, 7]
+    train(tiny_config(steps=7, log_every=1, out=str(tmp_path / "none")))
+    with pytest.raises(AssertionError):
+        assert_bitwise(tmp_path / "r1", tmp_path / "none", ["discriminator"])
+
+
 def test_bf16_on_cpu_runs_and_says_so(tiny_config, tmp_path):
     fp32 = train(tiny_config(out=str(tmp_path / "fp32")))
     AcceleratorState._reset_state(True)  # a second precision in one process
@@ -400,10 +409,10 @@ def spy_next(self, batch_size):
     draws["data"].append(batch.double().flatten(1).sum(1).tolist())
     return batch
 
-def spy_map_latent(self, z, step):
+def spy_map_latent(self, z, step, extras):
     if step is not None:  # training latents (evaluation and sample grids use fixed ones)
         draws["latent"].append(z.double().sum(1).tolist())
-    return real_map_latent(self, z, step)
+    return real_map_latent(self, z, step, extras)
 
 DeviceBatcher.next, Strategy.map_latent = spy_next, spy_map_latent
 start = time.perf_counter()

@@ -133,6 +133,11 @@ class DataSpec:
         return self._text()
 
     @property
+    def channels(self) -> int:
+        """Channels these images have natively: the dataset's own; folders of images are taken as RGB."""
+        return 3 if self.name == FOLDER else DATASETS.get(self.name).channels
+
+    @property
     def slug(self) -> str:
         """Short id- and filename-safe form, e.g. `mnist5k-c0-4-n25` (folders: name + path hash)."""
         if self.name == FOLDER:

@@ -5,14 +5,19 @@ freezing happens before optimisers and DDP are built, so frozen tensors get no o
 no gradient all-reduce), (2) per step, which phases run (D step, G step), whether G's own body
 trains in the G step and whether G's BatchNorm uses the source statistics, (3) how latents are
 mapped before G (MineGAN's miner), (4) how D scores images (CDC's patch-level head) and (5) extra
-loss terms, logged as `loss/G/<name>` and `loss/D/<name>`.
+G loss terms, logged as `loss/G/<name>`.
+
+Extra modules (MineGAN's miner, CDC's patch head) are declared by the strategy in `setup`; from
+then on the loop owns them: it trains, prepares (Accelerate) and saves them, and hands the prepared
+ones, by name, to every hook that runs them (`extras`). A hook runs only those: under DDP the
+modules as declared would skip the gradient all-reduce.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -55,6 +60,7 @@ class GStepContext:
     fake: torch.Tensor                               # G(z), float in [-1, 1]
     g_features: list[torch.Tensor] | None = None     # per-block activations when `wants_g_features`
     G: nn.Module | None = None                       # the (possibly DDP-wrapped) generator
+    extras: Mapping[str, nn.Module] = field(default_factory=dict)  # the prepared extra modules, by name
 
 
 @dataclass
@@ -73,8 +79,9 @@ class Strategy:
 
     def __init__(self, options: Options):
         self.options = options
+        # Declared in `setup`, read by the loop, never run by the hooks (they get the prepared ones).
         self.extra_g_modules: dict[str, nn.Module] = {}  # trained by G's optimiser, saved as <name>.safetensors
-        self.extra_d_modules: dict[str, nn.Module] = {}  # trained by D's optimiser
+        self.extra_d_modules: dict[str, nn.Module] = {}  # trained by D's optimiser, saved likewise
         self._total_steps = 0
 
     # -- configuration time ------------------------------------------------------------------
@@ -92,7 +99,7 @@ class Strategy:
         """Check the strategy fits this network (UserError otherwise); called before any training."""
 
     def setup(self, ctx: SetupContext) -> None:
-        """Freeze parameters and build extra modules; source weights are already loaded."""
+        """Freeze parameters and declare extra modules; source weights are already loaded."""
         self._total_steps = ctx.total_steps
 
     def options_dict(self) -> dict[str, Any]:
@@ -104,12 +111,14 @@ class Strategy:
         """Which phases run at `step` (0-based) and whether G's own weights train in the G phase."""
         return StepPlan()
 
-    def map_latent(self, z: torch.Tensor, step: int | None) -> torch.Tensor:
-        """Latents G receives for `z` at `step` (None: evaluation and sample grids)."""
+    def map_latent(self, z: torch.Tensor, step: int | None, extras: Mapping[str, nn.Module]) -> torch.Tensor:
+        """Latents G receives for `z` at `step` (None: evaluation and sample grids); `extras`: the
+        prepared extra modules."""
         return z
 
-    def discriminate(self, D: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
-        """D's logits for `images` (shape [N] or [N, P] for patch-level scores)."""
+    def discriminate(self, D: nn.Module, images: torch.Tensor, step: int,
+                     extras: Mapping[str, nn.Module]) -> torch.Tensor:
+        """D's logits for `images` (shape [N] or [N, P] for patch-level scores); D and `extras` as prepared."""
         return D(images)
 
     def g_extra_losses(self, ctx: GStepContext) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +52,16 @@ class EWC(Strategy):
         z = torch.randn(self.options.fisher_samples, G.latent_dim, device=ctx.device, generator=gen)
         with fisher_mode(G, ctx.D, z, self.options.fisher_batch):
             fisher = per_sample_fisher(G, ctx.D, ctx.loss.g_loss, list(named), z, self.options.fisher_batch)
-        self.params = list(named.values())  # the same Parameter objects train later (DDP wraps, it does not copy)
+        # Which of G's parameters the penalty holds near the source, by position: each step reads them
+        # from the G it is handed (prepared wrappers list their module's parameters in the same order).
+        self.penalised = [p.requires_grad for p in G.parameters()]
         self.fisher = [fisher[n] for n in named]
-        self.anchor = [p.detach().float().clone() for p in self.params]
+        self.anchor = [p.detach().float().clone() for p in named.values()]
 
     def g_extra_losses(self, ctx: GStepContext) -> dict[str, torch.Tensor]:
+        params = [p for p, penalised in zip(ctx.G.parameters(), self.penalised) if penalised]
         penalty = sum((f * (p.float() - a).square()).sum()
-                      for p, f, a in zip(self.params, self.fisher, self.anchor))
+                      for p, f, a in zip(params, self.fisher, self.anchor))
         return {"ewc": self.options.lam * penalty}
 
 
@@ -177,8 +181,8 @@ class MineGAN(Strategy):
         stage2 = step >= self.stage1_steps()
         return StepPlan(g_body=stage2, g_source_stats=not stage2)
 
-    def map_latent(self, z: torch.Tensor, step: int | None) -> torch.Tensor:
-        return self.extra_g_modules["miner"](z)
+    def map_latent(self, z: torch.Tensor, step: int | None, extras: Mapping[str, nn.Module]) -> torch.Tensor:
+        return extras["miner"](z)
 
 
 @dataclass
@@ -255,7 +259,7 @@ class CDC(Strategy):
     def _anchor_step(self, step: int | None) -> bool:
         return step is not None and step % self.options.anchor_every == 0
 
-    def map_latent(self, z: torch.Tensor, step: int | None) -> torch.Tensor:
+    def map_latent(self, z: torch.Tensor, step: int | None, extras: Mapping[str, nn.Module]) -> torch.Tensor:
         if not self._anchor_step(step):
             return z
         # A random anchor per latent, as the official code; drawn from (seed, step) so that it needs no
@@ -264,9 +268,10 @@ class CDC(Strategy):
         idx = torch.randint(self.anchor_z.shape[0], (z.shape[0],), generator=gen).to(z.device)
         return self.anchor_z[idx] + self.options.anchor_std * z
 
-    def discriminate(self, D: nn.Module, images: torch.Tensor, step: int) -> torch.Tensor:
+    def discriminate(self, D: nn.Module, images: torch.Tensor, step: int,
+                     extras: Mapping[str, nn.Module]) -> torch.Tensor:
         logits, feats = D(images, return_features=True)
-        patches = self.extra_d_modules["patch_head"](feats[self.options.d_block]).flatten(1)
+        patches = extras["patch_head"](feats[self.options.d_block]).flatten(1)
         # Both heads stay in the graph (the unused one with weight 0) so DDP sees every parameter used.
         if self._anchor_step(step):
             return logits + 0.0 * patches.sum()
