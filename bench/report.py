@@ -8,7 +8,6 @@ The page is Jinja2 with autoescape: templates/report.html (the page) and templat
 
 from __future__ import annotations
 
-import argparse
 import base64
 import functools
 import math
@@ -429,17 +428,3 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 def plot_paths(run_dir: str | os.PathLike) -> list[Path]:
     """The PNGs the last `write_report` left in run_dir/plots (the W&B summary reuses them)."""
     return sorted((Path(run_dir) / PLOTS_DIR).glob("*.png"))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point for `python -m bench.report DIR`: writes DIR/report.html, prints its path."""
-    from ganlib.errors import exit_on_user_error
-
-    parser = argparse.ArgumentParser(prog="bench report", description=__doc__)
-    parser.add_argument("run_dir", help="a bench run directory (holds results.jsonl)")
-    args = parser.parse_args(argv)
-    print(exit_on_user_error(write_report)(args.run_dir))
-
-
-if __name__ == "__main__":
-    main()
