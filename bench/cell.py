@@ -9,11 +9,8 @@ reason; the matrix goes on.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import math
-import os
-import signal
 import time
 import traceback
 from pathlib import Path
@@ -33,9 +30,6 @@ from ganlib.metrics import MetricConfig, evaluate_generator
 from ganlib.pretrain import pretrain_source, source_meta
 from ganlib.train import TrainingDiverged, native_channels, train
 
-FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom|kill[@rank][;...]", injects a failure at run time
-FAULTS = ("nan", "option", "oom", "kill")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError,
-                                           # the process SIGKILLed mid-cell (a worker that dies)
 LOG_FILE = "cell.log"          # per-cell log: what ran, how it ended, the traceback of a failure
 EVAL_SEED = 4242               # latents of every evaluation (the same for every cell, so curves compare)
 NEAREST_FILE = "nearest.png"   # few-shot cells: samples above their nearest training shots
@@ -76,20 +70,6 @@ def skipped_record(matrix: Matrix, cell: Cell, run_id: str, reason: str) -> dict
 def failed_record(matrix: Matrix, cell: Cell, run_id: str, reason: str) -> dict[str, Any]:
     """A cell that could not finish outside run_cell (its launch died); env: this machine's."""
     return {**skipped_record(matrix, cell, run_id, reason), "status": "failed"}
-
-
-def _fault(cell: Cell, rank: int) -> str | None:
-    """The failure GANBENCH_FAULT injects into `cell` on process `rank` (first matching
-    `glob=kind` or `glob=kind@rank`; without @rank on every process), or None."""
-    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
-        pattern, _, kind = spec.partition("=")
-        kind, _, only_rank = kind.partition("@")
-        if kind not in FAULTS or (only_rank and not only_rank.isdigit()):
-            raise ValueError(f"{FAULT_ENV}={spec!r}: the kind must be one of {', '.join(FAULTS)}, "
-                             "optionally followed by @<rank>")
-        if fnmatch.fnmatchcase(cell.id, pattern) and (not only_rank or int(only_rank) == rank):
-            return kind
-    return None
 
 
 def _reason(err: BaseException) -> str:
@@ -150,18 +130,7 @@ def _write_log(path: Path, record: dict[str, Any], error: str) -> None:
 
 def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
          cache_dir: Path | None, live=None) -> tuple[dict, dict, dict]:
-    fault = _fault(cell, accelerator.process_index)
-    if fault == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == "oom":
-        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV})")
-    overrides: dict[str, Any] = {"out": str(cell_dir), "progress": False}
-    if fault == "nan":
-        overrides["lr_d"] = overrides["lr_g"] = 1e30  # Adam steps of 1e30: weights and losses overflow
-    strategy_options = dict(cell.strategy.options)
-    if fault == "option":
-        strategy_options["no_such_option"] = 1
-    cfg = matrix.train_config(cell, strategy_options=strategy_options, **overrides)
+    cfg = matrix.train_config(cell, out=str(cell_dir), progress=False)
     network = cell.network
     channels = native_channels(cell.pair.source)
 

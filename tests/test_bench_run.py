@@ -24,11 +24,12 @@ from PIL import Image
 
 import bench.run as run_module
 from bench.__main__ import main as bench_main
-from bench.cell import FAULT_ENV, run_cell
+from bench.cell import run_cell
 from bench.matrix import load_matrix, parse_matrix
 from bench.results import load_records
 from ganlib.errors import UserError
 from ganlib.distributed import TIMEOUT_ENV, make_accelerator
+from ganbench_faults import FAULT_ENV
 
 BENCH = Path(sys.executable).with_name("bench")
 PAIR = "mnist5k-c0-4_2_mnist5k-c5-9-n25"

@@ -20,7 +20,6 @@ import pytest
 
 import bench.cell
 from bench import worker
-from bench.cell import FAULT_ENV
 from bench.matrix import parse_matrix
 from bench.results import IDENTITY_FIELDS, latest_per_cell, load_records, results_path
 from bench.run import write_plan
@@ -29,6 +28,7 @@ from bench.wandb_sink import (REDACTED, STEP_KEY, WandbSink, has_credentials, re
 from ganlib.distributed import make_accelerator
 from fakes import FAILED_CELL, SKIPPED_CELL, cell_id, make_fake_run
 from ganlib.errors import UserError
+from ganbench_faults import FAULT_ENV
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
