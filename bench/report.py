@@ -19,23 +19,13 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup, escape
 
+from bench.columns import REPORT_COLUMNS
 from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
 from bench.stats import Verdict, verdicts
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
-# (header, metric key, format spec) of the per-pair table; every cell is mean ± std (n).
-TABLE_COLUMNS = [
-    ("FID ↓", "quality/fid", ".2f"),
-    ("KID ↓", "quality/kid_mean", ".4f"),
-    ("throughput (img/s) ↑", "timing/img_per_s", ".0f"),
-    ("peak memory (GB)", "resources/peak_mem_gb", ".2f"),
-    ("wall time (s)", "timing/wall_s", ".1f"),
-    ("device time (s)", "timing/device_seconds", ".1f"),
-    ("target classes ↑", "transfer/target_class_share", ".2f"),
-    ("memorised ↓", "transfer/memorised_share", ".2f"),
-]
 ENV_COMMON = ("python", "torch", "accelerate", "cuda", "git_commit", "hostname")
 ENV_PER_SETUP = ("devices", "device_count", "num_processes", "mixed_precision")
 
@@ -339,11 +329,11 @@ def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict) -> Ma
             if key not in counts:
                 continue
             per = stats.get(key, {})
-            cells = [{"stat": per.get(k), "spec": spec,
-                      "best": k == "quality/fid" and best_fid[setup] == strategy} for _, k, spec in TABLE_COLUMNS]
+            cells = [{"stat": per.get(c.key), "spec": c.spec,
+                      "best": c.key == "quality/fid" and best_fid[setup] == strategy} for c in REPORT_COLUMNS]
             rows.append({"strategy": strategy, "setup": setup, "cells": cells,
                          "counts": format_counts(counts[key])})
-    return _macro("pair_table")([h for h, _, _ in TABLE_COLUMNS], rows)
+    return _macro("pair_table")([c.header for c in REPORT_COLUMNS], rows)
 
 
 def _samples(run_dir: Path, records: list[dict]) -> Markup:

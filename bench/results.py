@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from bench.columns import KEY_METRICS
 from ganlib.errors import UserError
 
 RESULTS_FILE = "results.jsonl"
@@ -27,28 +28,6 @@ IDENTITY_FIELDS = (
     "network", "size", "setup", "seed",
 )
 _REQUIRED_FIELDS = ("schema", "run_id", "cell_id", "pair", "strategy", "setup", "seed", "status")
-
-# The metrics aggregated over seeds and shown in tables: key -> (short label, unit, format spec).
-KEY_METRICS: dict[str, tuple[str, str, str]] = {
-    "quality/fid": ("FID", "", ".2f"),
-    "quality/kid_mean": ("KID", "", ".4f"),
-    "quality/precision": ("precision", "", ".3f"),
-    "quality/recall": ("recall", "", ".3f"),
-    "timing/img_per_s": ("img/s", "img/s", ".0f"),
-    "timing/step_time_p50_ms": ("step p50", "ms", ".1f"),
-    "timing/transfer_s": ("transfer", "s", ".1f"),
-    "timing/wall_s": ("wall", "s", ".1f"),
-    "timing/device_seconds": ("device-s", "s", ".1f"),
-    "timing/time_to_target_s": ("time to target", "s", ".1f"),
-    "resources/peak_mem_gb": ("peak mem", "GB", ".2f"),
-    "transfer/target_class_share": ("target classes", "", ".2f"),
-    "transfer/class_coverage": ("coverage", "", ".2f"),
-    "transfer/memorised_share": ("memorised", "", ".2f"),
-    "transfer/nn_dist_ratio": ("NN dist ratio", "", ".2f"),
-    "transfer/diversity": ("diversity", "", ".3g"),
-    "transfer/diversity_vs_real": ("diversity / real", "", ".2f"),
-}
-
 
 CONCURRENCY = "timing/concurrent_cells"  # the most cells that shared the device while a cell ran (1: alone)
 
