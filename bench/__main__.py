@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.rundir import CSV_FILE, PARQUET_FILE, results_path
 from bench.wandb_sink import MODES
 from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
@@ -69,9 +70,9 @@ def _cmd_export(args) -> int:
     if args.csv is None and args.parquet is None:
         raise UserError("bench export: say which table to write: --csv [PATH] and/or --parquet [PATH]")
     if args.parquet is not None:  # first: it is the one that can fail for a missing package
-        print(write_parquet(run_dir, args.parquet or run_dir / "cells.parquet"))
+        print(write_parquet(run_dir, args.parquet or run_dir / PARQUET_FILE))
     if args.csv is not None:
-        print(write_csv(run_dir, args.csv or run_dir / "cells.csv"))
+        print(write_csv(run_dir, args.csv or run_dir / CSV_FILE))
     return 0
 
 
@@ -85,7 +86,7 @@ def _cmd_wandb_report(args) -> int:
 def _run_dir(text: str) -> Path:
     """`text` as a run directory (checked here, not as an argparse type, which would swallow the message)."""
     path = Path(text)
-    if not (path / "results.jsonl").is_file():
+    if not results_path(path).is_file():
         raise UserError(f"{text} is not a bench run directory (no results.jsonl)")
     return path
 

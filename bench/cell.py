@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torchvision.utils import make_grid, save_image
 
+from bench import rundir
 from bench.env import environment, host_environment
 from bench.matrix import Cell, Matrix
 from bench.outcome import agree, source_lock_timeout
@@ -93,7 +94,7 @@ def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str
     record = {**identity(matrix, cell, run_id), "status": "ok", "reason": None,
               "config": cell_config(matrix, cell), "env": environment(accelerator)}
     live = sink.start_cell(record) if sink is not None else None
-    cell_dir = run_dir / "cells" / cell.id
+    cell_dir = run_dir / rundir.cell_dir(cell.id)
     error = ""
     try:
         metrics, curves, artifacts = _run(accelerator, matrix, cell, run_dir, cell_dir, cache_dir, live)
@@ -103,9 +104,9 @@ def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str
             torch.cuda.empty_cache()
         error = traceback.format_exc()
         record.update(status="failed", reason=_reason(err), metrics={}, curves={},
-                      artifacts={"dir": f"cells/{cell.id}"})
+                      artifacts={"dir": rundir.cell_dir(cell.id)})
     record.setdefault("metrics", {})["timing/wall_s"] = time.perf_counter() - started
-    record["artifacts"]["log"] = f"cells/{cell.id}/{LOG_FILE}"
+    record["artifacts"]["log"] = f"{rundir.cell_dir(cell.id)}/{LOG_FILE}"
     record = agree(accelerator, record)  # one rank failing fails the cell on every rank
     if accelerator.is_main_process:
         _write_log(cell_dir / LOG_FILE, record, error)
@@ -203,10 +204,10 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         save_image(to_float(target[:64]).float() * 0.5 + 0.5, cell_dir / "real.png", nrow=8, padding=1)
         (cell_dir / "curves.json").write_text(json.dumps(result.curves))
     accelerator.wait_for_everyone()
-    artifacts = {"dir": f"cells/{cell.id}", "samples": f"cells/{cell.id}/samples.png",
-                 "real": f"cells/{cell.id}/real.png"}
+    here = rundir.cell_dir(cell.id)
+    artifacts = {"dir": here, "samples": f"{here}/samples.png", "real": f"{here}/real.png"}
     if cell.pair.target.n is not None:  # the same decision transfer_metrics makes, known on every rank
-        artifacts["nearest"] = f"cells/{cell.id}/{NEAREST_FILE}"
+        artifacts["nearest"] = f"{here}/{NEAREST_FILE}"
     return metrics, result.curves, artifacts
 
 

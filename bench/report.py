@@ -22,10 +22,9 @@ from markupsafe import Markup, escape
 from bench.columns import REPORT_COLUMNS
 from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
+from bench.rundir import matrix_path, plots_dir, report_path
 from bench.stats import Verdict, verdicts
 
-REPORT_FILE = "report.html"
-PLOTS_DIR = "plots"
 ENV_COMMON = ("python", "torch", "accelerate", "cuda", "git_commit", "hostname")
 ENV_PER_SETUP = ("devices", "device_count", "num_processes", "mixed_precision")
 
@@ -99,7 +98,7 @@ def plot_pair(run_dir: Path, pair: str, records: list[dict], colors: dict) -> di
     def stat(strategy, setup, key):
         return stats.get((pair, strategy, setup), {}).get(key)
 
-    out, base = {}, run_dir / PLOTS_DIR / slug(pair)
+    out, base = {}, plots_dir(run_dir) / slug(pair)
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
     _bars(ax, strategies, setups, lambda st, se: stat(st, se, "quality/fid"), setup_colors,
           "FID (lower is better)")
@@ -174,7 +173,7 @@ def plot_transfer(run_dir: Path, pair: str, records: list[dict], colors: dict) -
         return stats.get((pair, strategy, setup), {}).get(key)
 
     has = lambda key: any(stat(st, se, key) for st in strategies for se in setups)
-    out, base, plt = {}, run_dir / PLOTS_DIR / slug(pair), None
+    out, base, plt = {}, plots_dir(run_dir) / slug(pair), None
     if has(TRANSFER_BARS[0][0]):
         plt = _pyplot()
         setup_colors = {s: plt.cm.Set2(i % 8) for i, s in enumerate(setups)}
@@ -404,11 +403,11 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             concurrency_note(pair_records), transfer,
             {kind: _uri(path) for kind, path in plots.items()}, _samples(run_dir, pair_records)))
     parts.append(_not_ok_table(records))
-    matrix_file = run_dir / "matrix.yaml"
+    matrix_file = matrix_path(run_dir)
     if matrix_file.is_file():
         parts.append(_macro("matrix_details")(matrix_file.read_text()))
     page = _templates().get_template("report.html").render(title=f"ganbench · {run_id}", parts=parts)
-    out = run_dir / REPORT_FILE
+    out = report_path(run_dir)
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
@@ -417,4 +416,4 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
 def plot_paths(run_dir: str | os.PathLike) -> list[Path]:
     """The PNGs the last `write_report` left in run_dir/plots (the W&B summary reuses them)."""
-    return sorted((Path(run_dir) / PLOTS_DIR).glob("*.png"))
+    return sorted(plots_dir(run_dir).glob("*.png"))

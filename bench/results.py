@@ -1,7 +1,8 @@
 """The run's record: read and write `results.jsonl`, group cells and aggregate them over seeds.
 
-One JSON object per line, one line per finished cell (schema in the common brief). The local
-file is the record; W&B and the HTML report are built from it, never the other way round.
+One JSON object per line, one line per finished cell (its fields: `identity`, `run_cell` and
+`skipped_record` in bench/cell.py). The local file is the record; W&B and the HTML report are
+built from it, never the other way round.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 from typing import Iterable
 
 from bench.columns import KEY_METRICS
+from bench.rundir import RESULTS_FILE, results_path
 from ganlib.errors import UserError
 
-RESULTS_FILE = "results.jsonl"
 SCHEMA_VERSION = 1
 
 # Fields that name a cell; everything else in a record is measurement or context.
@@ -86,11 +87,6 @@ def stat_of(values: Iterable[float]) -> Stat:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def results_path(run_dir: str | os.PathLike) -> Path:
-    """Where a run directory keeps its records."""
-    return Path(run_dir) / RESULTS_FILE
 
 
 def append_record(run_dir: str | os.PathLike, record: dict) -> Path:
@@ -176,6 +172,11 @@ def load_records(run_dir: str | os.PathLike) -> list[dict]:
                             f"{SCHEMA_VERSION}: use the ganbench version that wrote the run")
         records.append(record)
     return records
+
+
+def records_so_far(run_dir: str | os.PathLike) -> list[dict]:
+    """`load_records`, or no records while a run has not written its first one."""
+    return load_records(run_dir) if results_path(run_dir).exists() else []
 
 
 def latest_per_cell(records: Iterable[dict]) -> list[dict]:

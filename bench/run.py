@@ -34,7 +34,8 @@ import yaml
 from bench import worker
 from bench.cell import failed_record, skipped_record
 from bench.matrix import Cell, Matrix, SetupSpec, check_data, filter_cells, load_matrix, parse_matrix
-from bench.results import append_record, load_records, results_path
+from bench.results import append_record, latest_per_cell, load_records, records_so_far
+from bench.rundir import PLAN_FILE, launch_file, lock_path, matrix_path, plan_lock_path, plan_path, results_path
 from bench.scheduler import (RELAUNCHES, Pool, PoolOptions, Progress, Slot, echo_to_stdout, pool_shape, pooled,
                              usable_cpus, visible_gpus)
 from bench.shard import Shard, cost_share, shard_cells
@@ -45,8 +46,6 @@ from ganlib.preflight import check_writable
 from ganlib.pretrain import default_cache_dir, is_complete, source_key
 
 THREADS_KEY = "threads_per_process"  # a setup key of ours (not Accelerate's): OMP/torch threads per process
-LOCK_FILE = ".bench.lock"  # held by the `bench run` working on a run directory (shared by the shards of one run)
-PLAN_LOCK = ".bench.plan.lock"  # held while a job creates or joins the plan of a run directory
 
 
 def external_launch() -> bool:
@@ -86,7 +85,7 @@ def launch_config(setup: SetupSpec, run_dir: Path, base_config: Path | None) -> 
         config["distributed_type"] = "MULTI_GPU"  # with use_cpu + ACCELERATE_USE_CPU: gloo on CPU
     else:
         config["distributed_type"] = "NO"
-    path = run_dir / "launch" / f"{setup.name}.yaml"
+    path = launch_file(run_dir, setup.name, "yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=True))
     return path
@@ -122,7 +121,7 @@ def launch(setup: SetupSpec, run_dir: Path, base_config: Path | None, wandb_args
     cmd = _worker_command(setup, run_dir, base_config, [*wandb_args, "--name", name,
                                                          *(["--shard", str(shard)] if shard else [])])
     env = _worker_env(setup)
-    with open(run_dir / "launch" / f"{name}.log", "ab") as log:
+    with open(launch_file(run_dir, name, "log"), "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
@@ -161,7 +160,7 @@ def _refuse_used(run_dir: Path, shard: Shard | None = None) -> None:
     """A new run needs a directory (or nothing) at `run_dir` that holds no run yet (shards join one)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; give a directory for the run")
-    if shard is None and (run_dir / worker.PLAN_FILE).exists():
+    if shard is None and plan_path(run_dir).exists():
         raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
 
 
@@ -183,8 +182,8 @@ def write_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], sh
     plan = {"run_id": run_id, "matrix": matrix.name, "cells": [c.id for c in cells]}
     if shards is not None:
         plan["shards"] = shards  # every job of the run splits the cells into this many
-    atomic_write_text(run_dir / worker.MATRIX_FILE, yaml.safe_dump(matrix.raw, sort_keys=False))
-    atomic_write_text(run_dir / worker.PLAN_FILE, json.dumps(plan, indent=1))
+    atomic_write_text(matrix_path(run_dir), yaml.safe_dump(matrix.raw, sort_keys=False))
+    atomic_write_text(plan_path(run_dir), json.dumps(plan, indent=1))
 
 
 def _claim_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], shard: Shard | None) -> str:
@@ -193,9 +192,9 @@ def _claim_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], s
     Called with the run directory locked; the plan lock makes the check and the write one step
     for shards starting at the same moment.
     """
-    with open(run_dir / PLAN_LOCK, "a") as handle:
+    with open(plan_lock_path(run_dir), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        if not (run_dir / worker.PLAN_FILE).exists():
+        if not plan_path(run_dir).exists():
             write_plan(run_dir, matrix, run_id, cells, shard.count if shard else None)
             return run_id
         if shard is None:
@@ -212,8 +211,8 @@ def _claim_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], s
 def resume_plan(run_dir: Path, matrix_ref: str | None, only: str | None,
                 shard: Shard | None = None) -> tuple[Matrix, str, list[Cell]]:
     """Matrix, run id and planned cells (of `shard`) of an existing run directory (refusing another matrix)."""
-    if not (run_dir / worker.PLAN_FILE).exists():
-        raise UserError(f"--resume {run_dir}: not a bench run directory (no {worker.PLAN_FILE})")
+    if not plan_path(run_dir).exists():
+        raise UserError(f"--resume {run_dir}: not a bench run directory (no {PLAN_FILE})")
     matrix, plan = worker.load_plan(run_dir)
     if matrix_ref is not None and load_matrix(matrix_ref).raw != matrix.raw:
         raise UserError(f"--resume {run_dir}: that run used a different matrix than {matrix_ref}; "
@@ -308,26 +307,19 @@ def _only_runner(run_dir: Path, shard: Shard | None = None) -> Iterator[None]:
     shards of the run hold it too; an unsharded run is refused) and its shard's lock exclusively.
     """
     with contextlib.ExitStack() as stack:
-        handle = stack.enter_context(open(run_dir / LOCK_FILE, "a"))
+        handle = stack.enter_context(open(lock_path(run_dir), "a"))
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shard else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"another `bench run` is using {run_dir}; wait for it to end or stop it first") from None
         if shard is not None:
-            mine = stack.enter_context(open(run_dir / f".bench.{shard.label}.lock", "a"))
+            mine = stack.enter_context(open(lock_path(run_dir, shard.label), "a"))
             try:
                 fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise UserError(f"another `bench run` is running shard {shard} of {run_dir}; wait for it to end "
                                 "or stop it first") from None
         yield  # the locks go with the files' closing
-
-
-def _latest(run_dir: Path) -> dict[str, dict]:
-    """The latest record of each cell so far (empty before the first record)."""
-    if not results_path(run_dir).exists():
-        return {}
-    return {r["cell_id"]: r for r in load_records(run_dir)}
 
 
 def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], base_config: Path | None,
@@ -349,7 +341,7 @@ def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], b
         reason = unavailable(setup)
         if reason:
             print(f"[bench] setup {setup.name} skipped: {reason}", flush=True)
-            latest = _latest(run_dir)
+            latest = {r["cell_id"]: r for r in latest_per_cell(records_so_far(run_dir))}
             for cell in todo:
                 before = latest.get(cell.id, {})
                 if (before.get("status"), before.get("reason")) != ("skipped", reason):  # a resume: said already
@@ -402,7 +394,7 @@ def _run_launches(matrix: Matrix, setup: SetupSpec, todo: list[Cell], run_dir: P
     A launch that dies before any cell, 1 + RELAUNCHES times, fails the setup's remaining cells."""
     deaths: dict[str, int] = {}
     name = setup.name + (f".{shard.label}" if shard else "")  # shards sharing the directory: a stem each
-    current = run_dir / "launch" / f"{name}.current"
+    current = launch_file(run_dir, name, "current")
     while True:
         current.unlink(missing_ok=True)
         code = launch(setup, run_dir, base_config, wandb_args, cache_dir, name, shard)
@@ -462,7 +454,7 @@ def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | No
             raise UserError(chosen)
         run_dir, run_id = chosen
     name = (f"launch-{accelerator.num_processes}x{accelerator.device.type}-{accelerator.mixed_precision}")
-    setup_file = run_dir / "launch" / f"{name}.yaml"
+    setup_file = launch_file(run_dir, name, "yaml")
     if accelerator.is_main_process:
         setup_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(setup_file, yaml.safe_dump({"num_processes": accelerator.num_processes,
@@ -495,14 +487,14 @@ def finish(run_dir: Path, run_id: str, cells: list[Cell], wandb_mode: str, wandb
     from bench.wandb_sink import WandbSink
 
     records = [r for r in load_records(run_dir) if r["cell_id"] in {c.id for c in cells}]
-    with open(run_dir / PLAN_LOCK, "a") as handle:  # shards ending together: one report writer at a time
+    with open(plan_lock_path(run_dir), "a") as handle:  # shards ending together: one report writer at a time
         fcntl.flock(handle, fcntl.LOCK_EX)
         report = write_report(run_dir)
     print(format_table(records), flush=True)
     with WandbSink(mode=wandb_mode, project=wandb_project, entity=wandb_entity, dir=run_dir) as sink:
         sink.log_unrun_cells(records)
         sink.log_summary(run_id, records, plot_paths(run_dir), run_dir)
-    latest = {r["cell_id"]: r["status"] for r in records}
+    latest = {r["cell_id"]: r["status"] for r in latest_per_cell(records)}
     failed = sorted(cid for cid, status in latest.items() if status == "failed")
     skipped = sorted(cid for cid, status in latest.items() if status == "skipped")
     print(f"[bench] report: {report}", flush=True)

@@ -21,13 +21,12 @@ from pathlib import Path
 from bench.cell import run_cell
 from bench.matrix import Matrix, parse_matrix, read_text_file, read_yaml
 from bench.outcome import HARNESS_TIMEOUT_S
-from bench.results import CONCURRENCY, append_record, load_records, results_path
+from bench.results import CONCURRENCY, append_record, latest_per_cell, records_so_far
+from bench.rundir import launch_file, matrix_path, plan_path
 from bench.wandb_sink import WandbSink
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
 
-PLAN_FILE = "plan.json"
-MATRIX_FILE = "matrix.yaml"
 FINISHED = ("ok", "failed")
 PARENT_ENV = "GANBENCH_PARENT_PID"  # pid of the `bench run` that launched this worker
 DONE_MARK = "[bench-done] "  # a pool worker's line after each recorded cell: the mark, then JSON
@@ -63,26 +62,21 @@ def exit_with_parent(pid: int, poll_s: float = 0.5) -> None:
 
 def load_plan(run_dir: Path) -> tuple[Matrix, dict]:
     """The resolved matrix and the plan (run id, selected cell ids) stored in a run directory."""
-    matrix = parse_matrix(read_yaml(read_text_file(run_dir / MATRIX_FILE, "matrix file"), str(run_dir / MATRIX_FILE)),
-                          str(run_dir / MATRIX_FILE))
+    matrix_file, plan_file = matrix_path(run_dir), plan_path(run_dir)
+    matrix = parse_matrix(read_yaml(read_text_file(matrix_file, "matrix file"), str(matrix_file)), str(matrix_file))
     try:
-        plan = json.loads((run_dir / PLAN_FILE).read_text())
+        plan = json.loads(plan_file.read_text())
         if not (isinstance(plan, dict) and isinstance(plan.get("cells"), list) and "run_id" in plan):
             raise ValueError("not a plan")
     except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{run_dir / PLAN_FILE} is corrupt ({type(err).__name__}); "
+        raise UserError(f"{plan_file} is corrupt ({type(err).__name__}); "
                         "restore it or start a new run") from None
     return matrix, plan
 
 
 def finished_ids(run_dir: Path, statuses=FINISHED) -> set[str]:
     """Cell ids whose latest record has one of `statuses`."""
-    if not results_path(run_dir).exists():
-        return set()
-    latest: dict[str, str] = {}
-    for record in load_records(run_dir):
-        latest[record["cell_id"]] = record["status"]
-    return {cid for cid, status in latest.items() if status in statuses}
+    return {r["cell_id"] for r in latest_per_cell(records_so_far(run_dir)) if r["status"] in statuses}
 
 
 def _fmt_s(seconds: float) -> str:
@@ -107,6 +101,12 @@ def _mirror(sink: WandbSink, run_dir: Path, record: dict) -> None:
     sink.log_cell(record, samples if samples and samples.exists() else None)
 
 
+def _write_pid(run_dir: Path, name: str) -> None:
+    path = launch_file(run_dir, name, "pid")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(str(os.getpid()))
+
+
 def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, project: str,
               entity: str | None, cache_dir: Path | None = None, shard: str | None = None,
               name: str | None = None) -> int:
@@ -128,8 +128,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
     sink = WandbSink(mode=wandb_mode if accelerator.is_main_process else "disabled", project=project,
                      entity=entity, dir=run_dir)
     if accelerator.is_main_process:
-        (run_dir / "launch").mkdir(exist_ok=True)
-        (run_dir / "launch" / f"{name}.pid").write_text(str(os.getpid()))
+        _write_pid(run_dir, name)
     durations: list[float] = []
     for cell in todo:
         finished_before = len(done) + len(durations)
@@ -139,7 +138,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
         accelerator.print(f"[bench] cell {finished_before + 1}/{total}: {cell.id}{eta}", flush=True)
         t0 = time.perf_counter()
         if accelerator.is_main_process:  # so `bench run` can tell which cell a dead launch was running
-            (run_dir / "launch" / f"{name}.current").write_text(cell.id)
+            launch_file(run_dir, name, "current").write_text(cell.id)
         record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir, sink=sink)
         record["metrics"][CONCURRENCY] = 1  # a launch of its own: multi-process setups run alone
         durations.append(time.perf_counter() - t0)
@@ -163,8 +162,7 @@ def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: s
     matrix, plan = load_plan(run_dir)
     cells = {c.id: c for c in matrix.cells() if c.id in set(plan["cells"])}
     sink = WandbSink(mode=wandb_mode, project=project, entity=entity, dir=run_dir)
-    (run_dir / "launch").mkdir(exist_ok=True)
-    (run_dir / "launch" / f"{name}.pid").write_text(str(os.getpid()))
+    _write_pid(run_dir, name)
     print(READY_MARK, flush=True)  # a death before this line is a start-up failure, not the cell's
     ran = 0
     for line in (sys.stdin if lines is None else lines):

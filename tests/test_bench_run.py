@@ -27,6 +27,7 @@ from bench.__main__ import main as bench_main
 from bench.cell import run_cell
 from bench.matrix import load_matrix, parse_matrix
 from bench.results import load_records
+from bench.rundir import LOCK_FILE
 from ganlib.errors import UserError
 from ganlib.distributed import TIMEOUT_ENV, make_accelerator
 from ganbench_faults import FAULT_ENV
@@ -568,11 +569,11 @@ def test_second_run_into_a_directory_another_run_has_locked_writes_nothing_and_i
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
-    with open(run_dir / run_module.LOCK_FILE, "a") as first:
+    with open(run_dir / LOCK_FILE, "a") as first:
         fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match="another `bench run` is using"):
             run_module.run_matrix(str(matrix_file), out=run_dir, wandb_mode="disabled")
-    assert sorted(p.name for p in run_dir.iterdir()) == [run_module.LOCK_FILE]  # no plan, no matrix written
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]  # no plan, no matrix written
 
 
 def test_resume_of_a_locked_directory_is_refused_before_reading_it(tmp_path):
@@ -581,7 +582,7 @@ def test_resume_of_a_locked_directory_is_refused_before_reading_it(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "plan.json").write_text("{torn")  # being written by the run that holds the lock
-    with open(run_dir / run_module.LOCK_FILE, "a") as first:
+    with open(run_dir / LOCK_FILE, "a") as first:
         fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match="another `bench run` is using"):
             run_module.run_matrix(None, resume=run_dir, wandb_mode="disabled")
