@@ -7,20 +7,20 @@ import sys
 from pathlib import Path
 
 from bench.rundir import CSV_FILE, PARQUET_FILE, results_path
-from bench.wandb_sink import MODES
+from bench.wandb_target import WandbTarget, add_wandb_arguments
 from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
 
 
 def _cmd_run(args) -> int:
-    from bench.run import run_matrix
+    from bench.run import RunOptions, run_matrix
     from bench.shard import parse_shard
 
-    return run_matrix(args.matrix, only=args.only, resume=args.resume, out=args.out, dry_run=args.dry_run,
-                      wandb_mode=args.wandb, wandb_project=args.wandb_project, wandb_entity=args.wandb_entity,
-                      base_config=args.accelerate_config, cache_dir=args.cache_dir,
-                      retry_failed=args.retry_failed, workers=args.workers, cells_per_gpu=args.cells_per_gpu,
-                      shard=parse_shard(args.shard) if args.shard is not None else None)
+    return run_matrix(args.matrix, RunOptions(
+        only=args.only, resume=args.resume, retry_failed=args.retry_failed, out=args.out, dry_run=args.dry_run,
+        wandb=WandbTarget.from_args(args), base_config=args.accelerate_config, cache_dir=args.cache_dir,
+        workers=args.workers, cells_per_gpu=args.cells_per_gpu,
+        shard=parse_shard(args.shard) if args.shard is not None else None))
 
 
 def _cmd_list(args) -> int:
@@ -103,10 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="with --resume: rerun failed cells too")
     run.add_argument("--out", type=Path, default=None, metavar="DIR", help="run directory (default runs/<run id>)")
     run.add_argument("--dry-run", action="store_true", help="list the cells without training")
-    run.add_argument("--wandb", choices=MODES, default="auto",
-                     help="W&B mode: auto = online with credentials (WANDB_API_KEY or netrc), else offline")
-    run.add_argument("--wandb-project", default="ganbench", help="W&B project (default ganbench)")
-    run.add_argument("--wandb-entity", default=None, help="W&B entity (team or user); default: the account's")
+    add_wandb_arguments(run, "auto", "W&B mode: auto = online with credentials (WANDB_API_KEY or netrc), else offline")
     run.add_argument("--accelerate-config", type=Path, default=None, metavar="FILE",
                      help="base Accelerate config (e.g. accelerate_config.yaml) that each setup overrides")
     run.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $GANBENCH_CACHE or ~/.cache/ganbench)")

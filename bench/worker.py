@@ -24,6 +24,7 @@ from bench.outcome import HARNESS_TIMEOUT_S
 from bench.results import CONCURRENCY, append_record, latest_per_cell, records_so_far
 from bench.rundir import launch_file, matrix_path, plan_path
 from bench.wandb_sink import WandbSink
+from bench.wandb_target import WandbTarget, add_wandb_arguments
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
 
@@ -107,8 +108,7 @@ def _write_pid(run_dir: Path, name: str) -> None:
     path.write_text(str(os.getpid()))
 
 
-def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, project: str,
-              entity: str | None, cache_dir: Path | None = None, shard: str | None = None,
+def run_setup(accelerator, run_dir: Path, setup: str | None, wandb: WandbTarget, shard: str | None = None,
               name: str | None = None) -> int:
     """Run the planned cells of `setup` (None: every planned cell) not yet finished; returns how many ran.
 
@@ -125,8 +125,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
     done = broadcast_object(accelerator, finished_ids(run_dir) if accelerator.is_main_process else None)
     todo = [c for c in cells if c.id not in done]
     total = len(planned)
-    sink = WandbSink(mode=wandb_mode if accelerator.is_main_process else "disabled", project=project,
-                     entity=entity, dir=run_dir)
+    sink = wandb.sink(run_dir, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
         _write_pid(run_dir, name)
     durations: list[float] = []
@@ -139,7 +138,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
         t0 = time.perf_counter()
         if accelerator.is_main_process:  # so `bench run` can tell which cell a dead launch was running
             launch_file(run_dir, name, "current").write_text(cell.id)
-        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir, sink=sink)
+        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], sink=sink)
         record["metrics"][CONCURRENCY] = 1  # a launch of its own: multi-process setups run alone
         durations.append(time.perf_counter() - t0)
         if accelerator.is_main_process:
@@ -151,8 +150,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
     return len(todo)
 
 
-def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: str, project: str,
-          entity: str | None, cache_dir: Path | None = None, lines=None) -> int:
+def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb: WandbTarget, lines=None) -> int:
     """Run the cells named in `lines` (default: stdin), one id per line, until they end; one process only.
 
     First `READY_MARK` once started; after each cell: the record appended to results.jsonl, then `DONE_MARK {"cell", "status",
@@ -161,13 +159,13 @@ def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: s
     """
     matrix, plan = load_plan(run_dir)
     cells = {c.id: c for c in matrix.cells() if c.id in set(plan["cells"])}
-    sink = WandbSink(mode=wandb_mode, project=project, entity=entity, dir=run_dir)
+    sink = wandb.sink(run_dir)
     _write_pid(run_dir, name)
     print(READY_MARK, flush=True)  # a death before this line is a start-up failure, not the cell's
     ran = 0
     for line in (sys.stdin if lines is None else lines):
         cell = cells[line.strip()]
-        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir, sink=sink)
+        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], sink=sink)
         record["metrics"][CONCURRENCY] = concurrency
         append_record(run_dir, record)
         print(DONE_MARK + json.dumps({"cell": cell.id, "status": record["status"], "summary": summary(record)}),
@@ -183,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run one setup's cells (started by `bench run`)")
     parser.add_argument("--run-dir", required=True, type=Path, help="the run directory `bench run` planned")
     parser.add_argument("--setup", default=None, help="run this setup's cells (default: every planned cell)")
-    parser.add_argument("--wandb", default="disabled", help="W&B mode (auto, online, offline, disabled)")
-    parser.add_argument("--wandb-project", default="ganbench", help="W&B project")
-    parser.add_argument("--wandb-entity", default=None, help="W&B entity (team or user)")
-    parser.add_argument("--cache-dir", default=None, type=Path, help="cache root (default $GANBENCH_CACHE)")
+    add_wandb_arguments(parser, "disabled", "W&B mode")
     parser.add_argument("--name", default=None, help="file stem of this launch under launch/")
     parser.add_argument("--shard", default=None, help="i/n: only that shard's cells")
     parser.add_argument("--serve", action="store_true", help="a pool worker: run the cell ids read on stdin")
@@ -196,11 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         exit_with_parent(int(os.environ[PARENT_ENV]))
     accelerator = make_accelerator(timeout_s=HARNESS_TIMEOUT_S)
     if args.serve:
-        serve(accelerator, args.run_dir, args.name or args.setup, args.concurrent_cells, args.wandb,
-              args.wandb_project, args.wandb_entity, args.cache_dir)
+        serve(accelerator, args.run_dir, args.name or args.setup, args.concurrent_cells, WandbTarget.from_args(args))
     else:
-        run_setup(accelerator, args.run_dir, args.setup, args.wandb, args.wandb_project, args.wandb_entity,
-                  args.cache_dir, args.shard, args.name)
+        run_setup(accelerator, args.run_dir, args.setup, WandbTarget.from_args(args), args.shard, args.name)
     shutdown(accelerator)
     return 0
 

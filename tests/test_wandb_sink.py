@@ -23,6 +23,7 @@ from bench import worker
 from bench.matrix import parse_matrix
 from bench.results import IDENTITY_FIELDS, latest_per_cell, load_records, results_path
 from bench.run import write_plan
+from bench.wandb_target import WandbTarget
 from bench.wandb_sink import (REDACTED, STEP_KEY, WandbSink, has_credentials, resolve_mode, scrub,
                               wandb_run_id)
 from ganlib.distributed import make_accelerator
@@ -419,7 +420,7 @@ def live_run(tmp_path, wandb_env, monkeypatch):
     __import__("torch").set_num_threads(1)
 
     def run() -> None:
-        worker.run_setup(make_accelerator(), run_dir, None, "offline", "ganbench", None)
+        worker.run_setup(make_accelerator(), run_dir, None, WandbTarget("offline"))
 
     yield run_dir, ok, failed, run, seen
     __import__("torch").set_num_threads(threads)
