@@ -35,7 +35,8 @@ from bench import worker
 from bench.cell import failed_record, skipped_record
 from bench.matrix import Cell, Matrix, SetupSpec, check_data, filter_cells, load_matrix, parse_matrix
 from bench.results import append_record, latest_per_cell, load_records, records_so_far
-from bench.rundir import PLAN_FILE, launch_file, lock_path, matrix_path, plan_lock_path, plan_path, results_path
+from bench.rundir import (PLAN_FILE, launch_file, launch_name, lock_path, matrix_path, plan_lock_path, plan_path,
+                          results_path)
 from bench.scheduler import (RELAUNCHES, Pool, PoolOptions, Progress, Slot, echo_to_stdout, pool_shape, pooled,
                              usable_cpus, visible_gpus)
 from bench.shard import Shard, cost_share, shard_cells
@@ -420,7 +421,7 @@ def _run_launches(matrix: Matrix, setup: SetupSpec, todo: list[Cell], run_dir: P
             return
         culprit = current.read_text().strip() if current.exists() else "(start-up)"
         deaths[culprit] = deaths.get(culprit, 0) + 1
-        log = f"see launch/{name}.log"
+        log = f"see {launch_name(name, 'log')}"
         if deaths[culprit] <= RELAUNCHES:
             print(f"[bench] launch of setup {setup.name} died in {culprit} (exit code {code}); relaunching to "
                   f"continue with {len(left)} cell(s) left", flush=True)

@@ -55,9 +55,15 @@ def cell_dir(cell_id: str) -> str:
     return f"{CELLS_DIR}/{cell_id}"
 
 
+def launch_name(name: str, kind: str) -> str:
+    """`launch/<name>.<kind>` relative to the run directory (as messages name it): kind yaml (its
+    Accelerate config), log, pid or current (the cell it is running)."""
+    return f"{LAUNCH_DIR}/{name}.{kind}"
+
+
 def launch_file(run_dir: str | os.PathLike, name: str, kind: str) -> Path:
-    """`launch/<name>.<kind>`: kind yaml (Accelerate config), log, pid or current (the cell it runs)."""
-    return Path(run_dir) / LAUNCH_DIR / f"{name}.{kind}"
+    """The file `launch_name(name, kind)` of a run directory."""
+    return Path(run_dir) / launch_name(name, kind)
 
 
 def lock_path(run_dir: str | os.PathLike, shard_label: str | None = None) -> Path:
