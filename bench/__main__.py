@@ -6,20 +6,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.wandb_sink import MODES
+from bench.rundir import CSV_FILE, PARQUET_FILE, results_path
+from bench.wandb_target import WandbTarget, add_wandb_arguments
 from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
 
 
 def _cmd_run(args) -> int:
-    from bench.run import run_matrix
+    from bench.run import RunOptions, run_matrix
     from bench.shard import parse_shard
 
-    return run_matrix(args.matrix, only=args.only, resume=args.resume, out=args.out, dry_run=args.dry_run,
-                      wandb_mode=args.wandb, wandb_project=args.wandb_project, wandb_entity=args.wandb_entity,
-                      base_config=args.accelerate_config, cache_dir=args.cache_dir,
-                      retry_failed=args.retry_failed, workers=args.workers, cells_per_gpu=args.cells_per_gpu,
-                      shard=parse_shard(args.shard) if args.shard is not None else None)
+    return run_matrix(args.matrix, RunOptions(
+        only=args.only, resume=args.resume, retry_failed=args.retry_failed, out=args.out, dry_run=args.dry_run,
+        wandb=WandbTarget.from_args(args), base_config=args.accelerate_config, cache_dir=args.cache_dir,
+        workers=args.workers, cells_per_gpu=args.cells_per_gpu,
+        shard=parse_shard(args.shard) if args.shard is not None else None))
 
 
 def _cmd_list(args) -> int:
@@ -69,9 +70,9 @@ def _cmd_export(args) -> int:
     if args.csv is None and args.parquet is None:
         raise UserError("bench export: say which table to write: --csv [PATH] and/or --parquet [PATH]")
     if args.parquet is not None:  # first: it is the one that can fail for a missing package
-        print(write_parquet(run_dir, args.parquet or run_dir / "cells.parquet"))
+        print(write_parquet(run_dir, args.parquet or run_dir / PARQUET_FILE))
     if args.csv is not None:
-        print(write_csv(run_dir, args.csv or run_dir / "cells.csv"))
+        print(write_csv(run_dir, args.csv or run_dir / CSV_FILE))
     return 0
 
 
@@ -85,7 +86,7 @@ def _cmd_wandb_report(args) -> int:
 def _run_dir(text: str) -> Path:
     """`text` as a run directory (checked here, not as an argparse type, which would swallow the message)."""
     path = Path(text)
-    if not (path / "results.jsonl").is_file():
+    if not results_path(path).is_file():
         raise UserError(f"{text} is not a bench run directory (no results.jsonl)")
     return path
 
@@ -102,10 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true", help="with --resume: rerun failed cells too")
     run.add_argument("--out", type=Path, default=None, metavar="DIR", help="run directory (default runs/<run id>)")
     run.add_argument("--dry-run", action="store_true", help="list the cells without training")
-    run.add_argument("--wandb", choices=MODES, default="auto",
-                     help="W&B mode: auto = online with credentials (WANDB_API_KEY or netrc), else offline")
-    run.add_argument("--wandb-project", default="ganbench", help="W&B project (default ganbench)")
-    run.add_argument("--wandb-entity", default=None, help="W&B entity (team or user); default: the account's")
+    add_wandb_arguments(run, "auto", "W&B mode: auto = online with credentials (WANDB_API_KEY or netrc), else offline")
     run.add_argument("--accelerate-config", type=Path, default=None, metavar="FILE",
                      help="base Accelerate config (e.g. accelerate_config.yaml) that each setup overrides")
     run.add_argument("--cache-dir", type=Path, default=None, help="cache root (default $GANBENCH_CACHE or ~/.cache/ganbench)")

@@ -9,11 +9,8 @@ reason; the matrix goes on.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import json
 import math
-import os
-import signal
 import time
 import traceback
 from pathlib import Path
@@ -22,6 +19,7 @@ from typing import Any
 import torch
 from torchvision.utils import make_grid, save_image
 
+from bench import rundir
 from bench.env import environment, host_environment
 from bench.matrix import Cell, Matrix
 from bench.outcome import agree, source_lock_timeout
@@ -34,9 +32,6 @@ from ganlib.pretrain import pretrain_source, source_meta
 from ganlib.strategies import STRATEGIES
 from ganlib.train import TrainingDiverged, train
 
-FAULT_ENV = "GANBENCH_FAULT"   # tests only: "<cell-id glob>=nan|option|oom|kill[@rank][;...]", injects a failure at run time
-FAULTS = ("nan", "option", "oom", "kill")  # NaN losses, a strategy option that does not exist, an OutOfMemoryError,
-                                           # the process SIGKILLed mid-cell (a worker that dies)
 LOG_FILE = "cell.log"          # per-cell log: what ran, how it ended, the traceback of a failure
 EVAL_SEED = 4242               # latents of every evaluation (the same for every cell, so curves compare)
 NEAREST_FILE = "nearest.png"   # few-shot cells: samples above their nearest training shots
@@ -79,20 +74,6 @@ def failed_record(matrix: Matrix, cell: Cell, run_id: str, reason: str) -> dict[
     return {**skipped_record(matrix, cell, run_id, reason), "status": "failed"}
 
 
-def _fault(cell: Cell, rank: int) -> str | None:
-    """The failure GANBENCH_FAULT injects into `cell` on process `rank` (first matching
-    `glob=kind` or `glob=kind@rank`; without @rank on every process), or None."""
-    for spec in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
-        pattern, _, kind = spec.partition("=")
-        kind, _, only_rank = kind.partition("@")
-        if kind not in FAULTS or (only_rank and not only_rank.isdigit()):
-            raise ValueError(f"{FAULT_ENV}={spec!r}: the kind must be one of {', '.join(FAULTS)}, "
-                             "optionally followed by @<rank>")
-        if fnmatch.fnmatchcase(cell.id, pattern) and (not only_rank or int(only_rank) == rank):
-            return kind
-    return None
-
-
 def _reason(err: BaseException) -> str:
     if isinstance(err, (UserError, TrainingDiverged)):
         return str(err)
@@ -114,7 +95,7 @@ def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str
     record = {**identity(matrix, cell, run_id), "status": "ok", "reason": None,
               "config": cell_config(matrix, cell), "env": environment(accelerator)}
     live = sink.start_cell(record) if sink is not None else None
-    cell_dir = run_dir / "cells" / cell.id
+    cell_dir = run_dir / rundir.cell_dir(cell.id)
     error = ""
     try:
         metrics, curves, artifacts = _run(accelerator, matrix, cell, run_dir, cell_dir, cache_dir, live)
@@ -124,9 +105,9 @@ def run_cell(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, run_id: str
             torch.cuda.empty_cache()
         error = traceback.format_exc()
         record.update(status="failed", reason=_reason(err), metrics={}, curves={},
-                      artifacts={"dir": f"cells/{cell.id}"})
+                      artifacts={"dir": rundir.cell_dir(cell.id)})
     record.setdefault("metrics", {})["timing/wall_s"] = time.perf_counter() - started
-    record["artifacts"]["log"] = f"cells/{cell.id}/{LOG_FILE}"
+    record["artifacts"]["log"] = f"{rundir.cell_dir(cell.id)}/{LOG_FILE}"
     record = agree(accelerator, record)  # one rank failing fails the cell on every rank
     if accelerator.is_main_process:
         _write_log(cell_dir / LOG_FILE, record, error)
@@ -151,18 +132,7 @@ def _write_log(path: Path, record: dict[str, Any], error: str) -> None:
 
 def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
          cache_dir: Path | None, live=None) -> tuple[dict, dict, dict]:
-    fault = _fault(cell, accelerator.process_index)
-    if fault == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if fault == "oom":
-        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB ({FAULT_ENV})")
-    overrides: dict[str, Any] = {"out": str(cell_dir), "progress": False}
-    if fault == "nan":
-        overrides["lr_d"] = overrides["lr_g"] = 1e30  # Adam steps of 1e30: weights and losses overflow
-    strategy_options = dict(cell.strategy.options)
-    if fault == "option":
-        strategy_options["no_such_option"] = 1
-    cfg = matrix.train_config(cell, strategy_options=strategy_options, **overrides)
+    cfg = matrix.train_config(cell, out=str(cell_dir), progress=False)
     network = cell.network
     channels = cell.pair.source.channels
 
@@ -235,10 +205,10 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         save_image(to_float(target[:64]).float() * 0.5 + 0.5, cell_dir / "real.png", nrow=8, padding=1)
         (cell_dir / "curves.json").write_text(json.dumps(result.curves))
     accelerator.wait_for_everyone()
-    artifacts = {"dir": f"cells/{cell.id}", "samples": f"cells/{cell.id}/samples.png",
-                 "real": f"cells/{cell.id}/real.png"}
+    here = rundir.cell_dir(cell.id)
+    artifacts = {"dir": here, "samples": f"{here}/samples.png", "real": f"{here}/real.png"}
     if cell.pair.target.n is not None:  # the same decision transfer_metrics makes, known on every rank
-        artifacts["nearest"] = f"cells/{cell.id}/{NEAREST_FILE}"
+        artifacts["nearest"] = f"{here}/{NEAREST_FILE}"
     return metrics, result.curves, artifacts
 
 

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bench.results import CONCURRENCY, Stat, latest_per_cell, load_records, stat_of
+from bench.rundir import results_path
 from ganlib.errors import UserError, exit_on_user_error
 
 THROUGHPUT = "timing/img_per_s"
@@ -128,12 +129,12 @@ def _load_run(run_dir) -> list[dict]:
     if not path.is_dir():
         raise UserError(f"run directory {str(path)!r} does not exist; "
                         "pass a directory written by `bench run`")
-    if not (path / "results.jsonl").is_file():
+    if not results_path(path).is_file():
         raise UserError(f"{str(path)!r} has no results.jsonl; "
                         "pass a directory written by `bench run` (the one holding results.jsonl)")
     records = latest_per_cell(load_records(path))
     if not records:
-        raise UserError(f"{str(path / 'results.jsonl')!r} holds no records; "
+        raise UserError(f"{str(results_path(path))!r} holds no records; "
                         "wait for the run to finish or pass another run")
     return records
 

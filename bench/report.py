@@ -8,7 +8,6 @@ The page is Jinja2 with autoescape: templates/report.html (the page) and templat
 
 from __future__ import annotations
 
-import argparse
 import base64
 import functools
 import math
@@ -20,23 +19,12 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup, escape
 
+from bench.columns import REPORT_COLUMNS
 from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
+from bench.rundir import matrix_path, plots_dir, report_path
 from bench.stats import Verdict, verdicts
 
-REPORT_FILE = "report.html"
-PLOTS_DIR = "plots"
-# (header, metric key, format spec) of the per-pair table; every cell is mean ± std (n).
-TABLE_COLUMNS = [
-    ("FID ↓", "quality/fid", ".2f"),
-    ("KID ↓", "quality/kid_mean", ".4f"),
-    ("throughput (img/s) ↑", "timing/img_per_s", ".0f"),
-    ("peak memory (GB)", "resources/peak_mem_gb", ".2f"),
-    ("wall time (s)", "timing/wall_s", ".1f"),
-    ("device time (s)", "timing/device_seconds", ".1f"),
-    ("target classes ↑", "transfer/target_class_share", ".2f"),
-    ("memorised ↓", "transfer/memorised_share", ".2f"),
-]
 ENV_COMMON = ("python", "torch", "accelerate", "cuda", "git_commit", "hostname")
 ENV_PER_SETUP = ("devices", "device_count", "num_processes", "mixed_precision")
 
@@ -110,7 +98,7 @@ def plot_pair(run_dir: Path, pair: str, records: list[dict], colors: dict) -> di
     def stat(strategy, setup, key):
         return stats.get((pair, strategy, setup), {}).get(key)
 
-    out, base = {}, run_dir / PLOTS_DIR / slug(pair)
+    out, base = {}, plots_dir(run_dir) / slug(pair)
     fig, ax = plt.subplots(figsize=(6.2, 4.2))
     _bars(ax, strategies, setups, lambda st, se: stat(st, se, "quality/fid"), setup_colors,
           "FID (lower is better)")
@@ -185,7 +173,7 @@ def plot_transfer(run_dir: Path, pair: str, records: list[dict], colors: dict) -
         return stats.get((pair, strategy, setup), {}).get(key)
 
     has = lambda key: any(stat(st, se, key) for st in strategies for se in setups)
-    out, base, plt = {}, run_dir / PLOTS_DIR / slug(pair), None
+    out, base, plt = {}, plots_dir(run_dir) / slug(pair), None
     if has(TRANSFER_BARS[0][0]):
         plt = _pyplot()
         setup_colors = {s: plt.cm.Set2(i % 8) for i, s in enumerate(setups)}
@@ -340,11 +328,11 @@ def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict) -> Ma
             if key not in counts:
                 continue
             per = stats.get(key, {})
-            cells = [{"stat": per.get(k), "spec": spec,
-                      "best": k == "quality/fid" and best_fid[setup] == strategy} for _, k, spec in TABLE_COLUMNS]
+            cells = [{"stat": per.get(c.key), "spec": c.spec,
+                      "best": c.key == "quality/fid" and best_fid[setup] == strategy} for c in REPORT_COLUMNS]
             rows.append({"strategy": strategy, "setup": setup, "cells": cells,
                          "counts": format_counts(counts[key])})
-    return _macro("pair_table")([h for h, _, _ in TABLE_COLUMNS], rows)
+    return _macro("pair_table")([c.header for c in REPORT_COLUMNS], rows)
 
 
 def _samples(run_dir: Path, records: list[dict]) -> Markup:
@@ -415,11 +403,11 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             concurrency_note(pair_records), transfer,
             {kind: _uri(path) for kind, path in plots.items()}, _samples(run_dir, pair_records)))
     parts.append(_not_ok_table(records))
-    matrix_file = run_dir / "matrix.yaml"
+    matrix_file = matrix_path(run_dir)
     if matrix_file.is_file():
         parts.append(_macro("matrix_details")(matrix_file.read_text()))
     page = _templates().get_template("report.html").render(title=f"ganbench · {run_id}", parts=parts)
-    out = run_dir / REPORT_FILE
+    out = report_path(run_dir)
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, out)
@@ -428,18 +416,4 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
 def plot_paths(run_dir: str | os.PathLike) -> list[Path]:
     """The PNGs the last `write_report` left in run_dir/plots (the W&B summary reuses them)."""
-    return sorted((Path(run_dir) / PLOTS_DIR).glob("*.png"))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point for `python -m bench.report DIR`: writes DIR/report.html, prints its path."""
-    from ganlib.errors import exit_on_user_error
-
-    parser = argparse.ArgumentParser(prog="bench report", description=__doc__)
-    parser.add_argument("run_dir", help="a bench run directory (holds results.jsonl)")
-    args = parser.parse_args(argv)
-    print(exit_on_user_error(write_report)(args.run_dir))
-
-
-if __name__ == "__main__":
-    main()
+    return sorted(plots_dir(run_dir).glob("*.png"))

@@ -1,7 +1,8 @@
 """The run's record: read and write `results.jsonl`, group cells and aggregate them over seeds.
 
-One JSON object per line, one line per finished cell (its fields: bench/cell.py; SCHEMA_VERSION below).
-The local file is the record; W&B and the HTML report are built from it, never the other way round.
+One JSON object per line, one line per finished cell (its fields: `identity`, `run_cell` and
+`skipped_record` in bench/cell.py). The local file is the record; W&B and the HTML report are
+built from it, never the other way round.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from bench.columns import KEY_METRICS
+from bench.rundir import RESULTS_FILE, results_path
 from ganlib.errors import UserError
 
-RESULTS_FILE = "results.jsonl"
 SCHEMA_VERSION = 1
 
 # Fields that name a cell; everything else in a record is measurement or context.
@@ -27,28 +29,6 @@ IDENTITY_FIELDS = (
     "network", "size", "setup", "seed",
 )
 _REQUIRED_FIELDS = ("schema", "run_id", "cell_id", "pair", "strategy", "setup", "seed", "status")
-
-# The metrics aggregated over seeds and shown in tables: key -> (short label, unit, format spec).
-KEY_METRICS: dict[str, tuple[str, str, str]] = {
-    "quality/fid": ("FID", "", ".2f"),
-    "quality/kid_mean": ("KID", "", ".4f"),
-    "quality/precision": ("precision", "", ".3f"),
-    "quality/recall": ("recall", "", ".3f"),
-    "timing/img_per_s": ("img/s", "img/s", ".0f"),
-    "timing/step_time_p50_ms": ("step p50", "ms", ".1f"),
-    "timing/transfer_s": ("transfer", "s", ".1f"),
-    "timing/wall_s": ("wall", "s", ".1f"),
-    "timing/device_seconds": ("device-s", "s", ".1f"),
-    "timing/time_to_target_s": ("time to target", "s", ".1f"),
-    "resources/peak_mem_gb": ("peak mem", "GB", ".2f"),
-    "transfer/target_class_share": ("target classes", "", ".2f"),
-    "transfer/class_coverage": ("coverage", "", ".2f"),
-    "transfer/memorised_share": ("memorised", "", ".2f"),
-    "transfer/nn_dist_ratio": ("NN dist ratio", "", ".2f"),
-    "transfer/diversity": ("diversity", "", ".3g"),
-    "transfer/diversity_vs_real": ("diversity / real", "", ".2f"),
-}
-
 
 CONCURRENCY = "timing/concurrent_cells"  # the most cells that shared the device while a cell ran (1: alone)
 
@@ -107,11 +87,6 @@ def stat_of(values: Iterable[float]) -> Stat:
 
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def results_path(run_dir: str | os.PathLike) -> Path:
-    """Where a run directory keeps its records."""
-    return Path(run_dir) / RESULTS_FILE
 
 
 def append_record(run_dir: str | os.PathLike, record: dict) -> Path:
@@ -197,6 +172,11 @@ def load_records(run_dir: str | os.PathLike) -> list[dict]:
                             f"{SCHEMA_VERSION}: use the ganbench version that wrote the run")
         records.append(record)
     return records
+
+
+def records_so_far(run_dir: str | os.PathLike) -> list[dict]:
+    """`load_records`, or no records while a run has not written its first one."""
+    return load_records(run_dir) if results_path(run_dir).exists() else []
 
 
 def latest_per_cell(records: Iterable[dict]) -> list[dict]:

@@ -34,10 +34,13 @@ import yaml
 from bench import worker
 from bench.cell import failed_record, skipped_record
 from bench.matrix import Cell, Matrix, SetupSpec, check_data, filter_cells, load_matrix, parse_matrix
-from bench.results import append_record, load_records, results_path
+from bench.results import append_record, latest_per_cell, load_records, records_so_far
+from bench.rundir import (PLAN_FILE, launch_file, launch_name, lock_path, matrix_path, plan_lock_path, plan_path,
+                          results_path)
 from bench.scheduler import (RELAUNCHES, Pool, PoolOptions, Progress, Slot, echo_to_stdout, pool_shape, pooled,
                              usable_cpus, visible_gpus)
 from bench.shard import Shard, cost_share, shard_cells
+from bench.wandb_target import WandbTarget
 from ganlib.cache import cache_root
 from ganlib.checkpoint import atomic_write_text
 from ganlib.errors import UserError
@@ -45,8 +48,23 @@ from ganlib.preflight import check_writable
 from ganlib.pretrain import default_cache_dir, is_complete, source_key
 
 THREADS_KEY = "threads_per_process"  # a setup key of ours (not Accelerate's): OMP/torch threads per process
-LOCK_FILE = ".bench.lock"  # held by the `bench run` working on a run directory (shared by the shards of one run)
-PLAN_LOCK = ".bench.plan.lock"  # held while a job creates or joins the plan of a run directory
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What `bench run` is asked besides the matrix: one field per flag of the command line."""
+
+    only: str | None = None              # keep the matching cells: strategy=finetune,pair=mnist5k*,...
+    resume: Path | None = None           # continue this run directory (skipping its finished cells)
+    retry_failed: bool = False           # with resume: rerun the failed cells too
+    out: Path | None = None              # a new run's directory (None: runs/<run id>)
+    dry_run: bool = False                # list the cells, run nothing
+    wandb: WandbTarget = WandbTarget()   # where the W&B mirror goes
+    base_config: Path | None = None      # base Accelerate config that each setup overrides
+    cache_dir: Path | None = None        # cache root (None: $GANBENCH_CACHE, else ~/.cache/ganbench)
+    workers: int | None = None           # pool size per one-process setup (None: the matrix's, else automatic)
+    cells_per_gpu: int | None = None     # one-GPU setups: workers per visible GPU (None: automatic)
+    shard: Shard | None = None           # run only this slice of the cells (bench/shard.py)
 
 
 def external_launch() -> bool:
@@ -86,7 +104,7 @@ def launch_config(setup: SetupSpec, run_dir: Path, base_config: Path | None) -> 
         config["distributed_type"] = "MULTI_GPU"  # with use_cpu + ACCELERATE_USE_CPU: gloo on CPU
     else:
         config["distributed_type"] = "NO"
-    path = run_dir / "launch" / f"{setup.name}.yaml"
+    path = launch_file(run_dir, setup.name, "yaml")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=True))
     return path
@@ -115,14 +133,14 @@ def _worker_env(setup: SetupSpec, threads: int | None = None) -> dict[str, str]:
     return env
 
 
-def launch(setup: SetupSpec, run_dir: Path, base_config: Path | None, wandb_args: list[str],
-           cache_dir: Path | None, name: str | None = None, shard: Shard | None = None) -> int:
-    """One `accelerate launch` of the worker for `setup` (`shard`'s cells only); returns its exit code."""
+def launch(setup: SetupSpec, run_dir: Path, options: RunOptions, name: str | None = None) -> int:
+    """One `accelerate launch` of the worker for `setup` (the shard's cells only); returns its exit code."""
     name = name or setup.name
-    cmd = _worker_command(setup, run_dir, base_config, [*wandb_args, "--name", name,
-                                                         *(["--shard", str(shard)] if shard else [])])
+    shard = options.shard
+    cmd = _worker_command(setup, run_dir, options.base_config, [*options.wandb.cli_args(), "--name", name,
+                                                                 *(["--shard", str(shard)] if shard else [])])
     env = _worker_env(setup)
-    with open(run_dir / "launch" / f"{name}.log", "ab") as log:
+    with open(launch_file(run_dir, name, "log"), "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
@@ -161,7 +179,7 @@ def _refuse_used(run_dir: Path, shard: Shard | None = None) -> None:
     """A new run needs a directory (or nothing) at `run_dir` that holds no run yet (shards join one)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {run_dir} is a file; give a directory for the run")
-    if shard is None and (run_dir / worker.PLAN_FILE).exists():
+    if shard is None and plan_path(run_dir).exists():
         raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
 
 
@@ -183,8 +201,8 @@ def write_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], sh
     plan = {"run_id": run_id, "matrix": matrix.name, "cells": [c.id for c in cells]}
     if shards is not None:
         plan["shards"] = shards  # every job of the run splits the cells into this many
-    atomic_write_text(run_dir / worker.MATRIX_FILE, yaml.safe_dump(matrix.raw, sort_keys=False))
-    atomic_write_text(run_dir / worker.PLAN_FILE, json.dumps(plan, indent=1))
+    atomic_write_text(matrix_path(run_dir), yaml.safe_dump(matrix.raw, sort_keys=False))
+    atomic_write_text(plan_path(run_dir), json.dumps(plan, indent=1))
 
 
 def _claim_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], shard: Shard | None) -> str:
@@ -193,9 +211,9 @@ def _claim_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], s
     Called with the run directory locked; the plan lock makes the check and the write one step
     for shards starting at the same moment.
     """
-    with open(run_dir / PLAN_LOCK, "a") as handle:
+    with open(plan_lock_path(run_dir), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        if not (run_dir / worker.PLAN_FILE).exists():
+        if not plan_path(run_dir).exists():
             write_plan(run_dir, matrix, run_id, cells, shard.count if shard else None)
             return run_id
         if shard is None:
@@ -212,8 +230,8 @@ def _claim_plan(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], s
 def resume_plan(run_dir: Path, matrix_ref: str | None, only: str | None,
                 shard: Shard | None = None) -> tuple[Matrix, str, list[Cell]]:
     """Matrix, run id and planned cells (of `shard`) of an existing run directory (refusing another matrix)."""
-    if not (run_dir / worker.PLAN_FILE).exists():
-        raise UserError(f"--resume {run_dir}: not a bench run directory (no {worker.PLAN_FILE})")
+    if not plan_path(run_dir).exists():
+        raise UserError(f"--resume {run_dir}: not a bench run directory (no {PLAN_FILE})")
     matrix, plan = worker.load_plan(run_dir)
     if matrix_ref is not None and load_matrix(matrix_ref).raw != matrix.raw:
         raise UserError(f"--resume {run_dir}: that run used a different matrix than {matrix_ref}; "
@@ -228,76 +246,78 @@ def resume_plan(run_dir: Path, matrix_ref: str | None, only: str | None,
     return matrix, plan["run_id"], cells
 
 
-def run_matrix(matrix_ref: str | None, *, only: str | None = None, resume: Path | None = None,
-               out: Path | None = None, dry_run: bool = False, wandb_mode: str = "auto",
-               wandb_project: str = "ganbench", wandb_entity: str | None = None,
-               base_config: Path | None = None, cache_dir: Path | None = None,
-               retry_failed: bool = False, workers: int | None = None, cells_per_gpu: int | None = None,
-               shard: Shard | None = None) -> int:
-    """Run (or resume) a matrix; returns the exit code: 0 every cell ok or skipped, 1 any failed.
-
-    workers / cells_per_gpu size the pools of one-process setups (None: the matrix's `workers`, else
-    automatic; see bench/scheduler.py); shard: run only that slice of the cells (bench/shard.py).
-    """
-    if retry_failed and resume is None:
+def _check(options: RunOptions) -> None:
+    """Refuse the combinations of options that cannot work, before anything is read or written."""
+    if options.retry_failed and options.resume is None:
         raise UserError("--retry-failed reruns the failed cells of an earlier run: give it with --resume DIR")
-    if retry_failed and shard is not None:
-        raise UserError(f"--retry-failed with --shard {shard}: rewriting results.jsonl would race the other "
-                        "shards; after they end, run `bench run --resume DIR --retry-failed` once")
-    if shard is not None and external_launch():
-        raise UserError(f"--shard {shard} under your own launcher: start `bench run --shard` without it on each "
-                        "node (bench launches every setup itself; see docs/cluster.md)")
-    if base_config is not None and not base_config.is_file():
-        raise UserError(f"--accelerate-config {base_config}: no such file")
-    if cache_dir is not None:
-        os.environ["GANBENCH_CACHE"] = str(cache_dir)  # the launched workers inherit it
+    if options.retry_failed and options.shard is not None:
+        raise UserError(f"--retry-failed with --shard {options.shard}: rewriting results.jsonl would race the "
+                        "other shards; after they end, run `bench run --resume DIR --retry-failed` once")
+    if options.shard is not None and external_launch():
+        raise UserError(f"--shard {options.shard} under your own launcher: start `bench run --shard` without it on "
+                        "each node (bench launches every setup itself; see docs/cluster.md)")
+    if options.base_config is not None and not options.base_config.is_file():
+        raise UserError(f"--accelerate-config {options.base_config}: no such file")
+
+
+def run_matrix(matrix_ref: str | None, options: RunOptions = RunOptions()) -> int:
+    """Run (or resume) a matrix (a preset name, a YAML file, None: the default preset; None with
+    `options.resume`: the run's own); returns the exit code: 0 every cell ok or skipped, 1 any failed."""
+    _check(options)
+    resume, shard = options.resume, options.shard
+    if options.cache_dir is not None:  # the one way the cache root travels: this process and every launch read it
+        os.environ["GANBENCH_CACHE"] = str(options.cache_dir)
     held = contextlib.ExitStack()  # this process's lock on the run directory, taken before it is read or written
     if resume is not None:
         if not resume.is_dir():
             raise UserError(f"--resume {resume}: not a bench run directory (no such directory)")
-        if not dry_run and not external_launch():
+        if not options.dry_run and not external_launch():
             held.enter_context(_only_runner(resume, shard))
-        matrix, run_id, cells = resume_plan(resume, matrix_ref, only, shard)
+        matrix, run_id, cells = resume_plan(resume, matrix_ref, options.only, shard)
         run_dir, planned = resume, cells
     else:
         matrix = load_matrix(matrix_ref)
-        planned = filter_cells(matrix.cells(), only)
+        planned = filter_cells(matrix.cells(), options.only)
         cells = shard_cells(matrix, planned, shard)
-        if external_launch() and not dry_run:
-            run_dir, run_id = out, None  # named by the main process alone (_run_in_process_group)
+        if external_launch() and not options.dry_run:
+            run_dir, run_id = options.out, None  # named by the main process alone (_run_in_process_group)
         else:
-            run_dir, run_id = new_run_dir(matrix, out, shard)
-    options = PoolOptions(workers, cells_per_gpu).validate([matrix.setup(n) for n in dict.fromkeys(c.setup for c in planned)])
-    if options.workers is None:
-        options = PoolOptions(matrix.workers, options.cells_per_gpu)
+            run_dir, run_id = new_run_dir(matrix, options.out, shard)
+    pool = PoolOptions(options.workers, options.cells_per_gpu).validate(
+        [matrix.setup(n) for n in dict.fromkeys(c.setup for c in planned)])
+    if pool.workers is None:
+        pool = PoolOptions(matrix.workers, pool.cells_per_gpu)
     check_data(matrix)  # a dry run too: n larger than a class, missing offline data
-    if dry_run:
-        part = (f"shard {shard}: {len(cells)} of {len(planned)} cell(s), "
-                f"{cost_share(matrix, cells, planned):.0%} of the expected cost, " if shard else f"{len(cells)} cell(s) ")
-        print(f"{part}of matrix {matrix.name!r} (source {matrix.source_steps} steps, "
-              f"transfer {matrix.transfer_steps} steps):")
-        for i, cell in enumerate(cells, 1):
-            reason = unavailable(matrix.setup(cell.setup))
-            print(f"  {i:3d}. {cell.id}" + (f"   [skipped: {reason}]" if reason else ""))
+    if options.dry_run:
+        _print_plan(matrix, cells, planned, shard)
         return 0
     check_writable(cache_root(), "cache directory", "set GANBENCH_CACHE or --cache-dir to a writable one")
     if external_launch():
-        return _run_in_process_group(matrix, run_dir, run_id, cells, resume is not None, wandb_mode,
-                                     wandb_project, wandb_entity, cache_dir)
+        return _run_in_process_group(matrix, run_dir, run_id, cells, resume is not None, options.wandb)
     if resume is None:
         claim_new_run_dir(held, run_dir, shard)
         run_id = _claim_plan(run_dir, matrix, run_id, planned, shard)
     with held:
-        if retry_failed:
+        if options.retry_failed:
             _forget_failed(run_dir)
         try:
-            return _run_setups(matrix, run_dir, run_id, cells, base_config, cache_dir, wandb_mode, wandb_project,
-                               wandb_entity, options, shard)
+            return _run_setups(matrix, run_dir, run_id, cells, options, pool)
         except KeyboardInterrupt:  # the workers are stopped; every record written so far is whole
             again = f"bench run --resume {run_dir}" + (f" --shard {shard}" if shard else "")
             print(f"\n[bench] interrupted: finished cells are in {results_path(run_dir)}; continue with `{again}`",
                   file=sys.stderr, flush=True)
             return 130
+
+
+def _print_plan(matrix: Matrix, cells: list[Cell], planned: list[Cell], shard: Shard | None) -> None:
+    """`--dry-run`: the cells that would run (of `shard`, out of `planned`), each setup's skip reason."""
+    part = (f"shard {shard}: {len(cells)} of {len(planned)} cell(s), "
+            f"{cost_share(matrix, cells, planned):.0%} of the expected cost, " if shard else f"{len(cells)} cell(s) ")
+    print(f"{part}of matrix {matrix.name!r} (source {matrix.source_steps} steps, "
+          f"transfer {matrix.transfer_steps} steps):")
+    for i, cell in enumerate(cells, 1):
+        reason = unavailable(matrix.setup(cell.setup))
+        print(f"  {i:3d}. {cell.id}" + (f"   [skipped: {reason}]" if reason else ""))
 
 
 @contextlib.contextmanager
@@ -308,13 +328,13 @@ def _only_runner(run_dir: Path, shard: Shard | None = None) -> Iterator[None]:
     shards of the run hold it too; an unsharded run is refused) and its shard's lock exclusively.
     """
     with contextlib.ExitStack() as stack:
-        handle = stack.enter_context(open(run_dir / LOCK_FILE, "a"))
+        handle = stack.enter_context(open(lock_path(run_dir), "a"))
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shard else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             raise UserError(f"another `bench run` is using {run_dir}; wait for it to end or stop it first") from None
         if shard is not None:
-            mine = stack.enter_context(open(run_dir / f".bench.{shard.label}.lock", "a"))
+            mine = stack.enter_context(open(lock_path(run_dir, shard.label), "a"))
             try:
                 fcntl.flock(mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -323,23 +343,13 @@ def _only_runner(run_dir: Path, shard: Shard | None = None) -> Iterator[None]:
         yield  # the locks go with the files' closing
 
 
-def _latest(run_dir: Path) -> dict[str, dict]:
-    """The latest record of each cell so far (empty before the first record)."""
-    if not results_path(run_dir).exists():
-        return {}
-    return {r["cell_id"]: r for r in load_records(run_dir)}
-
-
-def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], base_config: Path | None,
-                cache_dir: Path | None, wandb_mode: str, wandb_project: str, wandb_entity: str | None,
-                options: PoolOptions = PoolOptions(), shard: Shard | None = None) -> int:
+def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], options: RunOptions,
+                pool: PoolOptions = PoolOptions()) -> int:
     """Setup by setup: a pool for a one-process setup, one launch (relaunched once after a death) for a
     multi-process one, skipped setups recorded; the exit code."""
+    shard = options.shard
     what = f"shard {shard} of run {run_id}" if shard else f"run {run_id}"
     print(f"[bench] {what}: {len(cells)} cell(s) -> {run_dir}", flush=True)
-    wandb_args = ["--wandb", wandb_mode, "--wandb-project", wandb_project]
-    if wandb_entity:
-        wandb_args += ["--wandb-entity", wandb_entity]
     started = time.perf_counter()
     progress = Progress(len(cells), len({c.id for c in cells} & worker.finished_ids(run_dir)))
     for setup in matrix.setups:
@@ -349,27 +359,27 @@ def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], b
         reason = unavailable(setup)
         if reason:
             print(f"[bench] setup {setup.name} skipped: {reason}", flush=True)
-            latest = _latest(run_dir)
+            latest = {r["cell_id"]: r for r in latest_per_cell(records_so_far(run_dir))}
             for cell in todo:
                 before = latest.get(cell.id, {})
                 if (before.get("status"), before.get("reason")) != ("skipped", reason):  # a resume: said already
                     append_record(run_dir, skipped_record(matrix, cell, run_id, reason))
             continue
         if pooled(setup):
-            _run_pool(matrix, setup, todo, run_dir, run_id, base_config, wandb_args, options, shard, progress)
+            _run_pool(matrix, setup, todo, run_dir, run_id, options, pool, progress)
         else:
-            _run_launches(matrix, setup, todo, run_dir, run_id, base_config, wandb_args, cache_dir, shard)
+            _run_launches(matrix, setup, todo, run_dir, run_id, options)
             progress.done += len(todo)
     print(f"[bench] matrix finished in {time.perf_counter() - started:.0f} s", flush=True)
-    return finish(run_dir, run_id, cells, wandb_mode, wandb_project, wandb_entity)
+    return finish(run_dir, run_id, cells, options.wandb)
 
 
 def _run_pool(matrix: Matrix, setup: SetupSpec, todo: list[Cell], run_dir: Path, run_id: str,
-              base_config: Path | None, wandb_args: list[str], options: PoolOptions, shard: Shard | None,
-              progress: Progress) -> None:
+              options: RunOptions, pool: PoolOptions, progress: Progress) -> None:
     """The cells of a one-process setup on a pool of workers (bench/scheduler.py)."""
-    shape = pool_shape(setup, options, setup.accelerate.get(THREADS_KEY), usable_cpus(),
+    shape = pool_shape(setup, pool, setup.accelerate.get(THREADS_KEY), usable_cpus(),
                        [] if setup.use_cpu else visible_gpus())
+    shard = options.shard
     if shard is not None:  # shards sharing the directory: a file stem each under launch/
         shape = dataclasses.replace(shape, slots=tuple(dataclasses.replace(s, name=f"{s.name}.{shard.label}")
                                                        for s in shape.slots))
@@ -378,8 +388,8 @@ def _run_pool(matrix: Matrix, setup: SetupSpec, todo: list[Cell], run_dir: Path,
           f"{shape.per_device} cell(s) sharing {device}", flush=True)
 
     def start(slot: Slot) -> subprocess.Popen:
-        args = [*wandb_args, "--serve", "--name", slot.name, "--concurrent-cells", str(shape.per_device)]
-        return subprocess.Popen(_worker_command(setup, run_dir, base_config, args, slot.gpu),
+        args = [*options.wandb.cli_args(), "--serve", "--name", slot.name, "--concurrent-cells", str(shape.per_device)]
+        return subprocess.Popen(_worker_command(setup, run_dir, options.base_config, args, slot.gpu),
                                 env=_worker_env(setup, slot.threads), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -395,23 +405,23 @@ def _run_pool(matrix: Matrix, setup: SetupSpec, todo: list[Cell], run_dir: Path,
 
 
 def _run_launches(matrix: Matrix, setup: SetupSpec, todo: list[Cell], run_dir: Path, run_id: str,
-                  base_config: Path | None, wandb_args: list[str], cache_dir: Path | None,
-                  shard: Shard | None = None) -> None:
+                  options: RunOptions) -> None:
     """Launch `setup` until its cells are done. A launch that dies is started again; a cell that was
     running at 1 + RELAUNCHES deaths is recorded as failed (it kills its process) and the rest go on.
     A launch that dies before any cell, 1 + RELAUNCHES times, fails the setup's remaining cells."""
     deaths: dict[str, int] = {}
+    shard = options.shard
     name = setup.name + (f".{shard.label}" if shard else "")  # shards sharing the directory: a stem each
-    current = run_dir / "launch" / f"{name}.current"
+    current = launch_file(run_dir, name, "current")
     while True:
         current.unlink(missing_ok=True)
-        code = launch(setup, run_dir, base_config, wandb_args, cache_dir, name, shard)
+        code = launch(setup, run_dir, options, name)
         left = [c for c in todo if c.id not in worker.finished_ids(run_dir)]
         if not left:
             return
         culprit = current.read_text().strip() if current.exists() else "(start-up)"
         deaths[culprit] = deaths.get(culprit, 0) + 1
-        log = f"see launch/{name}.log"
+        log = f"see {launch_name(name, 'log')}"
         if deaths[culprit] <= RELAUNCHES:
             print(f"[bench] launch of setup {setup.name} died in {culprit} (exit code {code}); relaunching to "
                   f"continue with {len(left)} cell(s) left", flush=True)
@@ -435,74 +445,84 @@ def _forget_failed(run_dir: Path) -> None:
 
 
 def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | None, cells: list[Cell],
-                          resuming: bool, wandb_mode: str, wandb_project: str, wandb_entity: str | None,
-                          cache_dir: Path | None) -> int:
-    """Under the user's launcher: one synthetic setup describing this launch; cells run right here.
+                          resuming: bool, wandb: WandbTarget) -> int:
+    """Under the user's launcher: the cells run right here, as cells of one setup that describes this launch.
 
-    run_id None: a new run, `run_dir` the --out given or None; the main process names the run and
-    checks the directory, and every process takes its answer (each rank checking for an existing
-    plan would race with the main process writing it, and clocks may name different directories).
+    run_id None: a new run, `run_dir` the --out given or None (see `_agree_on_new_run`).
     """
     from bench.outcome import HARNESS_TIMEOUT_S
-    from ganlib.distributed import broadcast_object, make_accelerator, shutdown
+    from ganlib.distributed import make_accelerator, shutdown
 
     accelerator = make_accelerator(timeout_s=HARNESS_TIMEOUT_S)
     stack = contextlib.ExitStack()  # the main process's lock on the run directory, for the whole run
     if run_id is None:
-        chosen: tuple[Path, str] | str = ""
+        run_dir, run_id = _agree_on_new_run(accelerator, stack, matrix, run_dir)
+    setup_file = _describe_launch(accelerator, run_dir)
+    if not resuming:  # the plan's cells are the matrix's cells on this launch's setup
+        matrix = parse_matrix(dict(matrix.raw, setups=[str(setup_file)]), "matrix")
+        wanted = {(c.strategy.id, c.pair.id, c.network.id, c.seed) for c in cells}
+        cells = [c for c in matrix.cells() if (c.strategy.id, c.pair.id, c.network.id, c.seed) in wanted]
         if accelerator.is_main_process:
-            try:
-                chosen = new_run_dir(matrix, run_dir)
-                claim_new_run_dir(stack, chosen[0])
-            except UserError as err:
-                chosen = str(err)
-        chosen = broadcast_object(accelerator, chosen)
-        if isinstance(chosen, str):
-            shutdown(accelerator)
-            raise UserError(chosen)
-        run_dir, run_id = chosen
-    name = (f"launch-{accelerator.num_processes}x{accelerator.device.type}-{accelerator.mixed_precision}")
-    setup_file = run_dir / "launch" / f"{name}.yaml"
+            write_plan(run_dir, matrix, run_id, cells)
+        accelerator.wait_for_everyone()
+    worker.run_setup(accelerator, run_dir, None, wandb)
+    code = 0
+    with stack:
+        if accelerator.is_main_process:
+            code = finish(run_dir, run_id, cells, wandb)
+    shutdown(accelerator)
+    return code
+
+
+def _agree_on_new_run(accelerator, stack: contextlib.ExitStack, matrix: Matrix, out: Path | None) -> tuple[Path, str]:
+    """The new run's directory and id, named and locked (held by `stack`) by the main process alone; every
+    process takes its answer (each rank checking for an existing plan would race with the main process
+    writing it, and clocks may name different directories). A refusal is a UserError on every process."""
+    from ganlib.distributed import broadcast_object, shutdown
+
+    chosen: tuple[Path, str] | str = ""
+    if accelerator.is_main_process:
+        try:
+            chosen = new_run_dir(matrix, out)
+            claim_new_run_dir(stack, chosen[0])
+        except UserError as err:
+            chosen = str(err)
+    chosen = broadcast_object(accelerator, chosen)
+    if isinstance(chosen, str):
+        shutdown(accelerator)
+        raise UserError(chosen)
+    return chosen
+
+
+def _describe_launch(accelerator, run_dir: Path) -> Path:
+    """This launch as a setup file, launch/launch-<N>x<device>-<precision>.yaml. A file, not a setup held in
+    memory: the plan's matrix names it, so the worker loop and a later `--resume` read the same setup back."""
+    name = f"launch-{accelerator.num_processes}x{accelerator.device.type}-{accelerator.mixed_precision}"
+    setup_file = launch_file(run_dir, name, "yaml")
     if accelerator.is_main_process:
         setup_file.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(setup_file, yaml.safe_dump({"num_processes": accelerator.num_processes,
                                                       "mixed_precision": accelerator.mixed_precision,
                                                       "use_cpu": accelerator.device.type == "cpu"}))
     accelerator.wait_for_everyone()
-    if not resuming:
-        raw = dict(matrix.raw, setups=[str(setup_file)])
-        matrix = parse_matrix(raw, "matrix")
-        wanted = {(c.strategy.id, c.pair.id, c.network.id, c.seed) for c in cells}
-        cells = [c for c in matrix.cells() if (c.strategy.id, c.pair.id, c.network.id, c.seed) in wanted]
-        if accelerator.is_main_process:
-            write_plan(run_dir, matrix, run_id, cells)
-        accelerator.wait_for_everyone()
-    worker.run_setup(accelerator, run_dir, None, wandb_mode, wandb_project, wandb_entity, cache_dir)
-    code = 0
-    with stack:
-        if accelerator.is_main_process:
-            code = finish(run_dir, run_id, cells, wandb_mode, wandb_project, wandb_entity)
-    shutdown(accelerator)
-    return code
+    return setup_file
 
 
-def finish(run_dir: Path, run_id: str, cells: list[Cell], wandb_mode: str, wandb_project: str,
-           wandb_entity: str | None) -> int:
+def finish(run_dir: Path, run_id: str, cells: list[Cell], wandb: WandbTarget) -> int:
     """Write the HTML report (of every record in the directory), mirror the summary to W&B, print the
     table of `cells`; the exit code (of `cells`)."""
     from bench.report import plot_paths, write_report
     from bench.show import format_table
-    from bench.wandb_sink import WandbSink
 
     records = [r for r in load_records(run_dir) if r["cell_id"] in {c.id for c in cells}]
-    with open(run_dir / PLAN_LOCK, "a") as handle:  # shards ending together: one report writer at a time
+    with open(plan_lock_path(run_dir), "a") as handle:  # shards ending together: one report writer at a time
         fcntl.flock(handle, fcntl.LOCK_EX)
         report = write_report(run_dir)
     print(format_table(records), flush=True)
-    with WandbSink(mode=wandb_mode, project=wandb_project, entity=wandb_entity, dir=run_dir) as sink:
+    with wandb.sink(run_dir) as sink:
         sink.log_unrun_cells(records)
         sink.log_summary(run_id, records, plot_paths(run_dir), run_dir)
-    latest = {r["cell_id"]: r["status"] for r in records}
+    latest = {r["cell_id"]: r["status"] for r in latest_per_cell(records)}
     failed = sorted(cid for cid, status in latest.items() if status == "failed")
     skipped = sorted(cid for cid, status in latest.items() if status == "skipped")
     print(f"[bench] report: {report}", flush=True)

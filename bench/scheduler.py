@@ -35,6 +35,7 @@ from typing import Callable
 from bench.cell import failed_record
 from bench.matrix import Cell, Matrix, SetupSpec
 from bench.results import append_record
+from bench.rundir import launch_file, launch_name
 from bench.shard import source_group
 from bench.worker import DONE_MARK, READY_MARK, finished_ids
 from ganlib.errors import UserError
@@ -195,8 +196,9 @@ class Pool:
 
     def _launch(self, slot: Slot) -> None:
         proc = self.start(slot)
-        (self.run_dir / "launch").mkdir(exist_ok=True)
-        log = open(self.run_dir / "launch" / f"{slot.name}.log", "ab")
+        path = launch_file(self.run_dir, slot.name, "log")
+        path.parent.mkdir(exist_ok=True)
+        log = open(path, "ab")
         worker = _Worker(slot, proc, log)
         self.workers.append(worker)
         self.selector.register(proc.stdout, selectors.EVENT_READ, worker)
@@ -271,7 +273,7 @@ class Pool:
         code = worker.proc.wait()
         worker.log.close()
         self.workers.remove(worker)
-        log = f"see launch/{worker.slot.name}.log"
+        log = f"see {launch_name(worker.slot.name, 'log')}"
         cell = worker.cell
         if cell is None:
             if worker.closing and code == 0:

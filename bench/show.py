@@ -6,21 +6,10 @@ import argparse
 import os
 from typing import Iterable
 
+from bench.columns import SHOW_COLUMNS
 from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
 from bench.stats import verdicts
-
-# (header, metric key, format spec, with std) for the aggregated table.
-COLUMNS = [
-    ("FID", "quality/fid", ".2f", True),
-    ("KID", "quality/kid_mean", ".4f", False),
-    ("target cls", "transfer/target_class_share", ".2f", False),
-    ("coverage", "transfer/class_coverage", ".2f", False),
-    ("memorised", "transfer/memorised_share", ".2f", False),
-    ("img/s", "timing/img_per_s", ".0f", False),
-    ("peak mem GB", "resources/peak_mem_gb", ".2f", False),
-    ("wall s", "timing/wall_s", ".1f", False),
-]
 
 
 def _cell(stat: Stat | None, spec: str, with_std: bool) -> str:
@@ -63,15 +52,15 @@ def format_table(records: Iterable[dict], per_cell: bool = False) -> str:
         out.append(f"== {pair}  ({first['source']} -> {first['target']}, "
                    f"{first['network']} {first['size']}px)")
         if per_cell:
-            header = ["strategy", "setup", "seed", "status"] + [c[0] for c in COLUMNS]
+            header = ["strategy", "setup", "seed", "status"] + [c.header for c in SHOW_COLUMNS]
             rows = [header]
             for r in pair_records:
                 metrics = r.get("metrics") or {}
                 rows.append([r["strategy"], r["setup"], str(r["seed"]), r["status"]]
-                            + [_value(metrics.get(key), spec) for _, key, spec, _ in COLUMNS])
+                            + [_value(metrics.get(c.key), c.spec) for c in SHOW_COLUMNS])
             out += _align(rows, right={2, *range(4, len(header))})  # seed and numbers
         else:
-            header = ["strategy", "setup"] + [c[0] for c in COLUMNS] + ["cells"]
+            header = ["strategy", "setup"] + [c.header for c in SHOW_COLUMNS] + ["cells"]
             rows = [header]
             for strategy in ordered_unique(r["strategy"] for r in pair_records):
                 for setup in ordered_unique(r["setup"] for r in pair_records):
@@ -80,9 +69,9 @@ def format_table(records: Iterable[dict], per_cell: bool = False) -> str:
                         continue
                     per = stats.get(key, {})
                     rows.append([strategy, setup]
-                                + [_cell(per.get(k), spec, std) for _, k, spec, std in COLUMNS]
+                                + [_cell(per.get(c.key), c.spec, c.with_std) for c in SHOW_COLUMNS]
                                 + [format_counts(counts[key])])
-            out += _align(rows, right=set(range(2, 2 + len(COLUMNS))))
+            out += _align(rows, right=set(range(2, 2 + len(SHOW_COLUMNS))))
         for r in not_ok(pair_records):
             out.append(f"  {r['status']}: {r['cell_id']}: {r.get('reason') or 'no reason given'}")
         if concurrency_note(pair_records):

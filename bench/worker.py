@@ -21,13 +21,13 @@ from pathlib import Path
 from bench.cell import run_cell
 from bench.matrix import Matrix, parse_matrix, read_text_file, read_yaml
 from bench.outcome import HARNESS_TIMEOUT_S
-from bench.results import CONCURRENCY, append_record, load_records, results_path
+from bench.results import CONCURRENCY, append_record, latest_per_cell, records_so_far
+from bench.rundir import launch_file, matrix_path, plan_path
 from bench.wandb_sink import WandbSink
+from bench.wandb_target import WandbTarget, add_wandb_arguments
 from ganlib.distributed import broadcast_object, make_accelerator, shutdown
 from ganlib.errors import UserError, exit_on_user_error
 
-PLAN_FILE = "plan.json"
-MATRIX_FILE = "matrix.yaml"
 FINISHED = ("ok", "failed")
 PARENT_ENV = "GANBENCH_PARENT_PID"  # pid of the `bench run` that launched this worker
 DONE_MARK = "[bench-done] "  # a pool worker's line after each recorded cell: the mark, then JSON
@@ -63,26 +63,21 @@ def exit_with_parent(pid: int, poll_s: float = 0.5) -> None:
 
 def load_plan(run_dir: Path) -> tuple[Matrix, dict]:
     """The resolved matrix and the plan (run id, selected cell ids) stored in a run directory."""
-    matrix = parse_matrix(read_yaml(read_text_file(run_dir / MATRIX_FILE, "matrix file"), str(run_dir / MATRIX_FILE)),
-                          str(run_dir / MATRIX_FILE))
+    matrix_file, plan_file = matrix_path(run_dir), plan_path(run_dir)
+    matrix = parse_matrix(read_yaml(read_text_file(matrix_file, "matrix file"), str(matrix_file)), str(matrix_file))
     try:
-        plan = json.loads((run_dir / PLAN_FILE).read_text())
+        plan = json.loads(plan_file.read_text())
         if not (isinstance(plan, dict) and isinstance(plan.get("cells"), list) and "run_id" in plan):
             raise ValueError("not a plan")
     except (ValueError, UnicodeDecodeError) as err:
-        raise UserError(f"{run_dir / PLAN_FILE} is corrupt ({type(err).__name__}); "
+        raise UserError(f"{plan_file} is corrupt ({type(err).__name__}); "
                         "restore it or start a new run") from None
     return matrix, plan
 
 
 def finished_ids(run_dir: Path, statuses=FINISHED) -> set[str]:
     """Cell ids whose latest record has one of `statuses`."""
-    if not results_path(run_dir).exists():
-        return set()
-    latest: dict[str, str] = {}
-    for record in load_records(run_dir):
-        latest[record["cell_id"]] = record["status"]
-    return {cid for cid, status in latest.items() if status in statuses}
+    return {r["cell_id"] for r in latest_per_cell(records_so_far(run_dir)) if r["status"] in statuses}
 
 
 def _fmt_s(seconds: float) -> str:
@@ -107,8 +102,13 @@ def _mirror(sink: WandbSink, run_dir: Path, record: dict) -> None:
     sink.log_cell(record, samples if samples and samples.exists() else None)
 
 
-def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, project: str,
-              entity: str | None, cache_dir: Path | None = None, shard: str | None = None,
+def _write_pid(run_dir: Path, name: str) -> None:
+    path = launch_file(run_dir, name, "pid")
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(str(os.getpid()))
+
+
+def run_setup(accelerator, run_dir: Path, setup: str | None, wandb: WandbTarget, shard: str | None = None,
               name: str | None = None) -> int:
     """Run the planned cells of `setup` (None: every planned cell) not yet finished; returns how many ran.
 
@@ -125,11 +125,9 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
     done = broadcast_object(accelerator, finished_ids(run_dir) if accelerator.is_main_process else None)
     todo = [c for c in cells if c.id not in done]
     total = len(planned)
-    sink = WandbSink(mode=wandb_mode if accelerator.is_main_process else "disabled", project=project,
-                     entity=entity, dir=run_dir)
+    sink = wandb.sink(run_dir, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:
-        (run_dir / "launch").mkdir(exist_ok=True)
-        (run_dir / "launch" / f"{name}.pid").write_text(str(os.getpid()))
+        _write_pid(run_dir, name)
     durations: list[float] = []
     for cell in todo:
         finished_before = len(done) + len(durations)
@@ -139,8 +137,8 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
         accelerator.print(f"[bench] cell {finished_before + 1}/{total}: {cell.id}{eta}", flush=True)
         t0 = time.perf_counter()
         if accelerator.is_main_process:  # so `bench run` can tell which cell a dead launch was running
-            (run_dir / "launch" / f"{name}.current").write_text(cell.id)
-        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir, sink=sink)
+            launch_file(run_dir, name, "current").write_text(cell.id)
+        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], sink=sink)
         record["metrics"][CONCURRENCY] = 1  # a launch of its own: multi-process setups run alone
         durations.append(time.perf_counter() - t0)
         if accelerator.is_main_process:
@@ -152,8 +150,7 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb_mode: str, pr
     return len(todo)
 
 
-def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: str, project: str,
-          entity: str | None, cache_dir: Path | None = None, lines=None) -> int:
+def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb: WandbTarget, lines=None) -> int:
     """Run the cells named in `lines` (default: stdin), one id per line, until they end; one process only.
 
     First `READY_MARK` once started; after each cell: the record appended to results.jsonl, then `DONE_MARK {"cell", "status",
@@ -162,14 +159,13 @@ def serve(accelerator, run_dir: Path, name: str, concurrency: int, wandb_mode: s
     """
     matrix, plan = load_plan(run_dir)
     cells = {c.id: c for c in matrix.cells() if c.id in set(plan["cells"])}
-    sink = WandbSink(mode=wandb_mode, project=project, entity=entity, dir=run_dir)
-    (run_dir / "launch").mkdir(exist_ok=True)
-    (run_dir / "launch" / f"{name}.pid").write_text(str(os.getpid()))
+    sink = wandb.sink(run_dir)
+    _write_pid(run_dir, name)
     print(READY_MARK, flush=True)  # a death before this line is a start-up failure, not the cell's
     ran = 0
     for line in (sys.stdin if lines is None else lines):
         cell = cells[line.strip()]
-        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], cache_dir, sink=sink)
+        record = run_cell(accelerator, matrix, cell, run_dir, plan["run_id"], sink=sink)
         record["metrics"][CONCURRENCY] = concurrency
         append_record(run_dir, record)
         print(DONE_MARK + json.dumps({"cell": cell.id, "status": record["status"], "summary": summary(record)}),
@@ -185,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run one setup's cells (started by `bench run`)")
     parser.add_argument("--run-dir", required=True, type=Path, help="the run directory `bench run` planned")
     parser.add_argument("--setup", default=None, help="run this setup's cells (default: every planned cell)")
-    parser.add_argument("--wandb", default="disabled", help="W&B mode (auto, online, offline, disabled)")
-    parser.add_argument("--wandb-project", default="ganbench", help="W&B project")
-    parser.add_argument("--wandb-entity", default=None, help="W&B entity (team or user)")
-    parser.add_argument("--cache-dir", default=None, type=Path, help="cache root (default $GANBENCH_CACHE)")
+    add_wandb_arguments(parser, "disabled", "W&B mode")
     parser.add_argument("--name", default=None, help="file stem of this launch under launch/")
     parser.add_argument("--shard", default=None, help="i/n: only that shard's cells")
     parser.add_argument("--serve", action="store_true", help="a pool worker: run the cell ids read on stdin")
@@ -198,11 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         exit_with_parent(int(os.environ[PARENT_ENV]))
     accelerator = make_accelerator(timeout_s=HARNESS_TIMEOUT_S)
     if args.serve:
-        serve(accelerator, args.run_dir, args.name or args.setup, args.concurrent_cells, args.wandb,
-              args.wandb_project, args.wandb_entity, args.cache_dir)
+        serve(accelerator, args.run_dir, args.name or args.setup, args.concurrent_cells, WandbTarget.from_args(args))
     else:
-        run_setup(accelerator, args.run_dir, args.setup, args.wandb, args.wandb_project, args.wandb_entity,
-                  args.cache_dir, args.shard, args.name)
+        run_setup(accelerator, args.run_dir, args.setup, WandbTarget.from_args(args), args.shard, args.name)
     shutdown(accelerator)
     return 0
 

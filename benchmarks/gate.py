@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.wandb_sink import MODES
+from bench.wandb_target import WandbTarget, add_wandb_arguments
 from ganlib.config import ArgumentParser
 from ganlib.errors import UserError, exit_on_user_error
 
@@ -223,8 +223,6 @@ def apply_confirmation(rows: list[Row], rerun: list[Row]) -> list[Row]:
 def log_to_wandb(rows: list[Row], warnings: list[str], args) -> bool:
     """Mirror the gate's table and verdict into W&B as a `perf-gate` run (named after NEW's folder,
     so logging one night twice updates its run); W&B failures are one warning, never the exit code."""
-    from bench.wandb_sink import WandbSink
-
     table = [{**vars(r), "threshold": r.threshold} for r in rows]
     regressed = [r.name for r in rows if r.verdict == "REGRESSED"]
     night = Path(args.new).resolve().parent.name
@@ -232,9 +230,7 @@ def log_to_wandb(rows: list[Row], warnings: list[str], args) -> bool:
                "benchmarks": len(rows), "warnings": "; ".join(warnings)}
     config = {"baseline": str(args.baseline), "new": str(args.new), "confirmed": str(args.confirmed or ""),
               "tolerance": args.tolerance, "max_spread": args.max_spread, **setup_of(load(args.new))}
-    sink = WandbSink(mode=args.wandb, project=args.wandb_project, entity=args.wandb_entity,
-                     dir=args.wandb_dir or Path(args.new).resolve().parent)
-    with sink:
+    with WandbTarget.from_args(args).sink(args.wandb_dir or Path(args.new).resolve().parent) as sink:
         return sink.log_perf_gate(night, table, summary, config)
 
 
@@ -252,10 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the pytest node ids of the regressed benchmarks there (one a line), to rerun them")
     parser.add_argument("--confirmed", type=Path, metavar="RERUN.json",
                         help="the flagged benchmarks rerun in a fresh process: only regressions it confirms count")
-    parser.add_argument("--wandb", choices=MODES, default="disabled",
-                        help="log the table and verdict as a perf-gate W&B run (auto: online with credentials)")
-    parser.add_argument("--wandb-project", default="ganbench", help="W&B project of the perf-gate run")
-    parser.add_argument("--wandb-entity", default=None, help="W&B entity (team or user); default: the account's")
+    add_wandb_arguments(parser, "disabled", "log the table and verdict as a perf-gate W&B run (auto: online with "
+                        "credentials)", project_help="W&B project of the perf-gate run")
     parser.add_argument("--wandb-dir", type=Path, default=None, metavar="DIR",
                         help="where W&B keeps its local files (default: NEW's folder)")
     args = parser.parse_args(argv)

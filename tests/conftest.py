@@ -8,6 +8,18 @@ import os
 # spinning against other processes made tiny runs up to 7x slower. Inherited by subprocesses too.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# Injected failures (GANBENCH_FAULT, tests/faults/ganbench_faults.py): armed here for cells run in
+# this process, and through tests/faults/sitecustomize.py in every process a test starts.
+FAULTS_DIR = str(Path(__file__).parent / "faults")
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [FAULTS_DIR, os.environ.get("PYTHONPATH")]))
+sys.path.insert(0, FAULTS_DIR)
+import ganbench_faults  # noqa: E402
+
+ganbench_faults.arm()
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from accelerate.state import AcceleratorState  # noqa: E402
@@ -64,8 +76,8 @@ def real_run(tmp_path_factory):
 
     import yaml
 
-    from bench.cell import FAULT_ENV
     from bench.results import load_records
+    from ganbench_faults import FAULT_ENV
 
     root = tmp_path_factory.mktemp("real-run")
     matrix = root / "real.yaml"

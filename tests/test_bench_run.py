@@ -24,11 +24,15 @@ from PIL import Image
 
 import bench.run as run_module
 from bench.__main__ import main as bench_main
-from bench.cell import FAULT_ENV, run_cell
+from bench.cell import run_cell
 from bench.matrix import load_matrix, parse_matrix
 from bench.results import load_records
+from bench.run import RunOptions
+from bench.rundir import LOCK_FILE
+from bench.wandb_target import WandbTarget
 from ganlib.errors import UserError
 from ganlib.distributed import TIMEOUT_ENV, make_accelerator
+from ganbench_faults import FAULT_ENV
 
 BENCH = Path(sys.executable).with_name("bench")
 PAIR = "mnist5k-c0-4_2_mnist5k-c5-9-n25"
@@ -407,7 +411,7 @@ def test_launch_that_keeps_dying_gives_up_after_one_relaunch(tmp_path, monkeypat
 
     monkeypatch.setattr(run_module, "launch", dying_launch)
     matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["finetune"], setups=["cpu-2proc", "1xgpu-bf16"]))
-    code = run_module.run_matrix(str(matrix_file), out=tmp_path / "run", wandb_mode="disabled")
+    code = run_module.run_matrix(str(matrix_file), RunOptions(out=tmp_path / "run", wandb=WandbTarget("disabled")))
     assert code == 1
     assert launches == ["cpu-2proc", "cpu-2proc"]
     recs = by_id(tmp_path / "run")
@@ -431,7 +435,7 @@ def test_pool_workers_that_keep_dying_at_start_up_fail_the_cells_after_one_relau
     monkeypatch.setattr(run_module, "_worker_command", dying_worker)
     matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch", "finetune", "ewc"],
                                                          setups=["cpu-1proc"]))
-    code = run_module.run_matrix(str(matrix_file), out=tmp_path / "run", wandb_mode="disabled", workers=2)
+    code = run_module.run_matrix(str(matrix_file), RunOptions(out=tmp_path / "run", wandb=WandbTarget("disabled"), workers=2))
     assert code == 1
     assert sorted(started) == ["cpu-1proc", "cpu-1proc", "cpu-1proc.w1", "cpu-1proc.w1"]
     recs = by_id(tmp_path / "run")
@@ -567,11 +571,11 @@ def test_second_run_into_a_directory_another_run_has_locked_writes_nothing_and_i
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     matrix_file = write(tmp_path / "m.yaml", tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"]))
-    with open(run_dir / run_module.LOCK_FILE, "a") as first:
+    with open(run_dir / LOCK_FILE, "a") as first:
         fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match="another `bench run` is using"):
-            run_module.run_matrix(str(matrix_file), out=run_dir, wandb_mode="disabled")
-    assert sorted(p.name for p in run_dir.iterdir()) == [run_module.LOCK_FILE]  # no plan, no matrix written
+            run_module.run_matrix(str(matrix_file), RunOptions(out=run_dir, wandb=WandbTarget("disabled")))
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE]  # no plan, no matrix written
 
 
 def test_resume_of_a_locked_directory_is_refused_before_reading_it(tmp_path):
@@ -580,10 +584,10 @@ def test_resume_of_a_locked_directory_is_refused_before_reading_it(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "plan.json").write_text("{torn")  # being written by the run that holds the lock
-    with open(run_dir / run_module.LOCK_FILE, "a") as first:
+    with open(run_dir / LOCK_FILE, "a") as first:
         fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match="another `bench run` is using"):
-            run_module.run_matrix(None, resume=run_dir, wandb_mode="disabled")
+            run_module.run_matrix(None, RunOptions(resume=run_dir, wandb=WandbTarget("disabled")))
 
 
 @pytest.mark.parametrize("args, words", [
@@ -619,5 +623,5 @@ def test_dry_run_checks_the_data_too(tmp_path, monkeypatch, capsys):
     pairs = [{"source": "mnist5k:classes=0-4", "target": "mnist5k:classes=5:n=99999"}]  # more than class 5 has
     matrix_file = write(tmp_path / "m.yaml", tiny_matrix(pairs=pairs, setups=["cpu-1proc"]))
     with pytest.raises(UserError, match="n=99999"):
-        run_module.run_matrix(str(matrix_file), dry_run=True, wandb_mode="disabled")
+        run_module.run_matrix(str(matrix_file), RunOptions(dry_run=True, wandb=WandbTarget("disabled")))
     assert not (tmp_path / "runs").exists()

@@ -21,7 +21,8 @@ import yaml
 
 from bench.__main__ import main
 from bench.matrix import load_matrix, preset_names, setup_names
-from bench.run import LOCK_FILE, write_plan
+from bench.run import write_plan
+from bench.rundir import LOCK_FILE
 from fakes import FAILED_CELL, FAILED_REASON, SKIPPED_CELL, SKIPPED_REASON, cell_id, make_fake_run
 from ganlib.data import DATASETS
 from ganlib.extractors import EXTRACTORS

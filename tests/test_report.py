@@ -12,8 +12,9 @@ import pytest
 
 from matplotlib.container import ErrorbarContainer
 
-from bench.report import PLOTS_DIR, _bars, _pyplot, plot_paths, plot_transfer, slug, write_report
+from bench.report import _bars, _pyplot, plot_paths, plot_transfer, slug, write_report
 from bench.results import stat_of
+from bench.rundir import PLOTS_DIR
 from bench.show import format_table, main as show_main
 from fakes import (FAILED_CELL, FAILED_REASON, NO_CLASS_REASON, SETUPS, SKIPPED_CELL, SKIPPED_REASON,
                    STRATEGIES, cell_id, make_fake_run, pair_name)

@@ -24,8 +24,8 @@ from bench.scheduler import PoolOptions, pool_shape
 from bench.shard import Shard, cost_share, parse_shard, split
 from ganlib.errors import UserError
 from ganlib.pretrain import source_key
+from ganbench_faults import FAULT_ENV
 import bench.run as run_module
-from bench.cell import FAULT_ENV
 from test_bench_run import BENCH, bench, bench_env, gone, records_of, tiny_matrix, wait_for, write
 
 # --- shards: a pure split of the plan --------------------------------------------------------------

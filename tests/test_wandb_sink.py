@@ -20,15 +20,16 @@ import pytest
 
 import bench.cell
 from bench import worker
-from bench.cell import FAULT_ENV
 from bench.matrix import parse_matrix
 from bench.results import IDENTITY_FIELDS, latest_per_cell, load_records, results_path
 from bench.run import write_plan
+from bench.wandb_target import WandbTarget
 from bench.wandb_sink import (REDACTED, STEP_KEY, WandbSink, has_credentials, resolve_mode, scrub,
                               wandb_run_id)
 from ganlib.distributed import make_accelerator
 from fakes import FAILED_CELL, SKIPPED_CELL, cell_id, make_fake_run
 from ganlib.errors import UserError
+from ganbench_faults import FAULT_ENV
 
 wandb = pytest.importorskip("wandb")
 from wandb.proto import wandb_internal_pb2  # noqa: E402
@@ -419,7 +420,7 @@ def live_run(tmp_path, wandb_env, monkeypatch):
     __import__("torch").set_num_threads(1)
 
     def run() -> None:
-        worker.run_setup(make_accelerator(), run_dir, None, "offline", "ganbench", None)
+        worker.run_setup(make_accelerator(), run_dir, None, WandbTarget("offline"))
 
     yield run_dir, ok, failed, run, seen
     __import__("torch").set_num_threads(threads)
