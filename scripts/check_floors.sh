@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Check the declared lower bounds: build a scratch venv with every dependency in pyproject.toml at
 # exactly its ">=" floor (extras test, wandb-report and export included; torch at scripts/torch_pin.sh,
-# the build on disk) and run the quick tests in it. Not part of CI: it downloads ~1 GB from PyPI and
-# the quick tests take 10-30 min. Extra arguments go to pytest (e.g. scripts/check_floors.sh -x).
+# the build on disk) and run the quick tests in it. Not part of CI: it downloads the floor releases
+# from PyPI and takes about 10 min (7 of them tests, on 2 cores). Extra arguments go to pytest (-x, ...).
 #   FLOORS_VENV  where the venv goes (default /tmp/ganbench-floors-venv; reused if it exists)
 #   PYTHON       the interpreter to build it from (default python3; 3.11+, for tomllib)
 set -euo pipefail
