@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv (if absent) and install ganbench with its test extra. Sourced by run.sh and test.sh.
-# torch is pinned first: an unpinned torch would pull a different (multi-GB) build.
+# torch is pinned first (scripts/torch_pin.sh): an unpinned torch would pull a different (multi-GB) build.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
-TORCH_PIN=(torch==2.14.1 torchvision==0.29.1)
+source scripts/torch_pin.sh
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv"
   "$PYTHON" -m venv .venv

@@ -402,6 +402,9 @@ def live_run(tmp_path, wandb_env, monkeypatch):
     """The `live` matrix planned in a run directory, seed 1 made to diverge; run it with `run()`."""
     monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_X_STATS_SAMPLING_INTERVAL", "0.5")  # wandb's default is 15 s
+    # wandb reads WANDB_X_* once per process, when it first sets up: after an earlier test's run the
+    # 0.5 s would be ignored (wandb 0.29 then records no sample in an 8 s cell). Start afresh.
+    wandb.teardown()
     matrix = parse_matrix(LIVE_MATRIX, "live")
     ok, failed = matrix.cells()
     monkeypatch.setenv(FAULT_ENV, f"{failed.id}=nan")
