@@ -38,7 +38,7 @@ from ganlib.distributed import (broadcast_buffers, broadcast_object, gather_floa
                                 unwrap)
 from ganlib.errors import UserError, exit_on_user_error
 from ganlib.preflight import check_free_space, check_writable
-from ganlib.losses import LOSSES, r1_penalty
+from ganlib.losses import LOSSES, PathLengthRegularizer, r1_penalty
 from ganlib.measure import StepClock, peak_memory_gb, percentile, reset_peak_memory
 from ganlib.nets import NETWORKS, NetConfig, build_networks
 from ganlib.nets.rosinality import load_source_checkpoint
@@ -104,6 +104,8 @@ def _fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
         del keep["augment"], keep["augment_options"]
     else:
         keep["augment_options"] = build_augment(cfg.augment, cfg.augment_options).options_dict()
+    if not cfg.pl_weight:  # runs from before path-length regularisation keep their fingerprint
+        del keep["pl_weight"], keep["pl_interval"]
     return keep
 
 
@@ -285,6 +287,7 @@ class Trainer:
         self.optimizer_states = {"G": self.opt_g.optimizer, "D": self.opt_d.optimizer,
                                  **({"scaler": accelerator.scaler} if accelerator.scaler is not None else {})}
         self.r1_scale = cfg.r1_gamma / 2 * cfg.r1_interval
+        self.path_length = PathLengthRegularizer(cfg.pl_weight, cfg.pl_interval) if cfg.pl_weight > 0 else None
         self.fid_curve: list[dict[str, Any]] = []
         self.train_curve: list[dict[str, Any]] = []
         self.pending: list[dict[str, torch.Tensor]] = []
@@ -307,6 +310,8 @@ class Trainer:
             self.pending = [{k: torch.tensor(v, device=self.device) for k, v in logs.items()}
                             for logs in progress["unread"]]
             self.augment.load_state_dict(progress.get("augment", {}), self.accelerator.is_main_process)
+            if self.path_length is not None:
+                self.path_length.mean = torch.tensor(progress["pl_mean"], device=self.device)
 
     def _modules_to_save(self) -> dict[str, nn.Module]:
         modules = {"generator": unwrap(self.accelerator, self.G), "discriminator": unwrap(self.accelerator, self.D),
@@ -324,7 +329,8 @@ class Trainer:
         unread = [dict(zip(sorted(logs), accelerator.reduce(torch.stack([logs[k].float() for k in sorted(logs)]),
                                                              reduction="mean").cpu().tolist())) for logs in self.pending]
         progress = {"train_s": self.train_seconds, "curves": {"train": self.train_curve, "fid": self.fid_curve},
-                    "unread": unread, "augment": self.augment.state_dict(self._reduce_sum)}
+                    "unread": unread, "augment": self.augment.state_dict(self._reduce_sum),
+                    **({"pl_mean": self.path_length.mean.item()} if self.path_length is not None else {})}
         tmp = ckpt.begin_checkpoint(self.resume_dir) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         ckpt.write_rng(self.resume_dir.with_name(f".{self.resume_dir.name}.tmp"), self.rank,
@@ -340,6 +346,9 @@ class Trainer:
 
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="sum")
+
+    def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="mean")
 
     def eval_generator(self) -> nn.Module:
         """The generator to sample from: the EMA when on, else G itself, unwrapped."""
@@ -420,6 +429,11 @@ class Trainer:
                             logs[f"loss/G/{name}"] = value.detach()
                             loss_g = loss_g + value
                     accelerator.backward(loss_g)
+                if self.path_length is not None and self.path_length.due(step):  # G reg, into the same G step
+                    with accelerator.autocast():
+                        loss_pl, pl_logs = self.path_length.loss(G, z_in.detach(), self._reduce_mean)
+                    logs.update(pl_logs)
+                    accelerator.backward(loss_pl)
         if plan.train_g:
             self.opt_g.step()
             self.opt_g.zero_grad(set_to_none=True)
@@ -438,8 +452,10 @@ class Trainer:
         cfg, accelerator, device = self.cfg, self.accelerator, self.device
         clock = StepClock(device, warmup=cfg.warmup_steps)
         step_flops = 0
-        # The FLOP counter's module hooks cannot run inside autograd.grad, so skip a lazy-R1 step.
-        flop_step = self.start_step + int(cfg.r1_gamma > 0 and self.start_step % cfg.r1_interval == 0)
+        # The FLOP counter's module hooks cannot run inside autograd.grad, so skip a lazy-R1 or path-length step.
+        lazy_reg = lambda s: (cfg.r1_gamma > 0 and s % cfg.r1_interval == 0  # noqa: E731
+                              or self.path_length is not None and self.path_length.due(s))
+        flop_step = next((s for s in range(self.start_step, cfg.steps) if not lazy_reg(s)), -1)
         reset_peak_memory(device)
         if self.eval_fn is not None and cfg.eval_every and self.start_step == 0:
             self.run_eval(0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 from ganlib.nets import NETWORKS, NetConfig, build_networks, count_parameters
 from ganlib.nets.stylegan2 import channels_at, fir_filter, fir_kernel
@@ -93,3 +94,65 @@ def test_compiles_as_one_graph_with_mixing_forward_and_backward():
     step = torch.compile(lambda z: D(G(z)).mean(), backend="aot_eager", fullgraph=True)
     step(torch.randn(4, 8)).backward()
     assert all(p.grad is not None for p in G.parameters())
+
+
+# --- path-length regularisation in the loop (ganlib.losses.PathLengthRegularizer) -----------------
+
+PL_TINY = dict(net="stylegan2", size=32, width=1, latent_dim=8, batch=4, log_every=1)
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_path_length_regularisation_runs_on_due_g_steps_and_changes_only_g(tiny_config):
+    from ganlib.train import Trainer
+
+    runs = {}
+    for pl_weight in (0.0, 2.0):
+        AcceleratorState._reset_state(True)
+        trainer = Trainer(tiny_config(**PL_TINY, steps=6, pl_weight=pl_weight, pl_interval=4))
+        logs = [trainer.step(s) for s in range(1)]
+        runs[pl_weight] = (_state(trainer.D), _state(trainer.G), logs, trainer)
+    (d0, g0, _, _), (d2, g2, logs, trainer) = runs[0.0], runs[2.0]
+    assert all(torch.equal(d0[k], d2[k]) for k in d0)  # D's step comes first and PL never reaches D
+    assert any(not torch.equal(g0[k], g2[k]) for k in g0)  # the penalty's gradient went into G's step
+    assert "loss/G/pl" in logs[0] and logs[0]["loss/G/pl"] > 0
+    due = [s for s in range(1, 6) if "loss/G/pl" in trainer.step(s)]
+    assert due == [4]  # lazy: every pl_interval G steps
+    assert 0 < trainer.path_length.mean.item()  # the target moved off 0
+
+
+def test_path_length_resume_restores_its_target(tiny_config, tmp_path, monkeypatch):
+    from ganlib import checkpoint as ckpt
+    from ganlib.train import train
+
+    opts = dict(PL_TINY, steps=6, ckpt_every=3, pl_weight=2.0, pl_interval=2)
+    a = train(tiny_config(**opts, out=str(tmp_path / "a")))
+    real_finish = ckpt.finish_checkpoint
+
+    def die_after_the_first_checkpoint(*args, **kwargs):
+        real_finish(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "finish_checkpoint", die_after_the_first_checkpoint)
+    AcceleratorState._reset_state(True)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(**opts, out=str(tmp_path / "b")))
+    monkeypatch.setattr(ckpt, "finish_checkpoint", real_finish)
+    AcceleratorState._reset_state(True)
+    b = train(tiny_config(**opts, out=str(tmp_path / "b"), resume=True))
+    targets = lambda run: [(row["step"], row["loss/G/pl_mean"]) for row in run.curves["train"]  # noqa: E731
+                           if "loss/G/pl_mean" in row]
+    assert [step for step, _ in targets(a)] == [1, 3, 5]
+    assert targets(b) == targets(a)  # step 5's target continued from the restored one, not from 0
+
+
+@pytest.mark.parametrize("bad, message", [(dict(pl_weight=-1.0), "pl_weight=-1.0 must be >= 0"),
+                                          (dict(pl_interval=0), "pl_interval=0 must be >= 1"),
+                                          (dict(pl_weight=2.0, net="dcgan"), "needs --net stylegan2")])
+def test_bad_path_length_settings_are_one_line_errors(tiny_config, bad, message):
+    from ganlib.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        tiny_config(**{**PL_TINY, **bad})

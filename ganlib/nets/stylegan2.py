@@ -235,8 +235,8 @@ class ImageHead(nn.Module):
 class StyleGAN2Generator(Generator):
     """`Generator` whose blocks pass (feature map, RGB skip, per-layer w) instead of one tensor.
 
-    `forward(z, return_features=False, noise_mode="random")`; `noise_mode="const"` uses the stored
-    noise maps. In training mode, and only when features are not requested, a batch mixes two
+    `forward(z, return_features=False, noise_mode="random", return_ws=False)`; `noise_mode="const"`
+    uses the stored noise maps. In training mode, and only when features are not requested, a batch mixes two
     latents with probability `mixing_prob` at a random layer (style-mixing regularisation).
     """
 
@@ -263,7 +263,10 @@ class StyleGAN2Generator(Generator):
         start = 0 if index == 1 else 2 * index - 3
         return ws[:, start:start + self.blocks[index].w_slots]
 
-    def forward(self, z: torch.Tensor, return_features: bool = False, noise_mode: str = "random"):
+    def forward(self, z: torch.Tensor, return_features: bool = False, noise_mode: str = "random",
+                return_ws: bool = False):
+        """`return_ws=True`: (image, ws [N, num_ws, latent]), the per-layer w the image was made from
+        (what path-length regularisation differentiates with respect to, ganlib.losses)."""
         w, ws = self._ws(z, mix=self.training and not return_features)
         features = [w]
         x = skip = None
@@ -271,6 +274,8 @@ class StyleGAN2Generator(Generator):
             x, skip = self.blocks[i](x, skip, self._synthesis_ws(ws, i), noise_mode)
             features.append(x)
         image = self.head(skip)
+        if return_ws:
+            return image, ws
         return (image, features) if return_features else image
 
     def features_through(self, blocks: nn.ModuleList, z: torch.Tensor) -> torch.Tensor:
