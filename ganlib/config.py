@@ -85,9 +85,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.pl_weight > 0 and self.net != "stylegan2":
+        if self.pl_weight > 0 and not self.net.startswith("stylegan2"):  # the families whose G returns its ws
             raise UserError(f"pl_weight={self.pl_weight}: path-length regularisation needs --net stylegan2 "
-                            f"(got {self.net!r}); use pl_weight 0")
+                            f"or stylegan2-tanh (got {self.net!r}); use pl_weight 0")
         if self.batch < 2:
             raise UserError(f"batch={self.batch} must be >= 2 (batch normalisation needs two samples)")
         return self

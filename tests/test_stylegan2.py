@@ -156,3 +156,23 @@ def test_bad_path_length_settings_are_one_line_errors(tiny_config, bad, message)
 
     with pytest.raises(UserError, match=message):
         tiny_config(**{**PL_TINY, **bad})
+
+
+def test_tanh_family_is_stylegan2_with_a_tanh_on_the_image_and_loads_no_reference_checkpoint():
+    torch.manual_seed(0)
+    G, D = build_networks(NetConfig("stylegan2", 32, 1, latent_dim=8, width=2))
+    torch.manual_seed(0)
+    G_tanh, D_tanh = build_networks(NetConfig("stylegan2-tanh", 32, 1, latent_dim=8, width=2))
+    assert G.state_dict().keys() == G_tanh.state_dict().keys() and D.state_dict().keys() == D_tanh.state_dict().keys()
+    G.mixing_prob = G_tanh.mixing_prob = 0.0  # eval never mixes: compare single-latent images
+    z = torch.randn(4, 8)
+    linear = _generate(G, z, noise_mode="const")
+    assert linear.abs().max() > 1  # the paper's G leaves its training output unbounded
+    for mode in ("train", "eval"):
+        getattr(G_tanh, mode)()
+        torch.testing.assert_close(_generate(G_tanh, z, noise_mode="const"), torch.tanh(linear))
+    from ganlib.errors import UserError
+    from ganlib.nets.rosinality import load_source_checkpoint
+
+    with pytest.raises(UserError, match="needs --net stylegan2, not --net stylegan2-tanh"):
+        load_source_checkpoint("unused.pt", NetConfig("stylegan2-tanh", 32, 1, latent_dim=8, width=2), G_tanh, D_tanh)

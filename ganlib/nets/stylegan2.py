@@ -28,6 +28,8 @@ as the CDC code does); (3) modulation scales the activations rather than the wei
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -226,9 +228,16 @@ class SynthesisBlock(nn.Module):
 
 
 class ImageHead(nn.Module):
-    """The summed RGB skip is the image; clamped to [-1, 1] only in eval mode (see the module doc)."""
+    """The summed RGB skip is the image; clamped to [-1, 1] only in eval mode (see the module doc).
+    With `tanh` (the `stylegan2-tanh` family) the image is tanh(skip) in every mode instead."""
+
+    def __init__(self, tanh: bool = False):
+        super().__init__()
+        self.tanh = tanh
 
     def forward(self, skip: torch.Tensor) -> torch.Tensor:
+        if self.tanh:
+            return torch.tanh(skip)
         return skip if self.training else skip.clamp(-1, 1)
 
 
@@ -360,8 +369,9 @@ class DiscriminatorHead(nn.Module):
         return self.out(self.fc(x.flatten(1))).squeeze(1)
 
 
-def build(cfg: NetConfig) -> tuple[StyleGAN2Generator, Discriminator]:
-    """Build the StyleGAN2 pair with the paper's init (N(0, 1) weights, style biases 1, noise strength 0)."""
+def build(cfg: NetConfig, tanh: bool = False) -> tuple[StyleGAN2Generator, Discriminator]:
+    """Build the StyleGAN2 pair with the paper's init (N(0, 1) weights, style biases 1, noise strength 0);
+    `tanh`: G's image is tanh of the summed skip (FAMILY_TANH)."""
     levels = int(math.log2(cfg.size))  # 2**levels px
     ch = {2 ** r: channels_at(2 ** r, cfg.width) for r in range(2, levels + 1)}
     w_dim = cfg.latent_dim
@@ -369,7 +379,7 @@ def build(cfg: NetConfig) -> tuple[StyleGAN2Generator, Discriminator]:
     g_blocks: list[nn.Module] = [MappingNetwork(cfg.latent_dim, depth), InputBlock(ch[4], cfg.channels, w_dim)]
     g_blocks += [SynthesisBlock(ch[2 ** (r - 1)], ch[2 ** r], cfg.channels, w_dim, 2 ** r) for r in range(3, levels + 1)]
     shape = (cfg.channels, cfg.size, cfg.size)
-    G = StyleGAN2Generator(g_blocks, ImageHead(), cfg.latent_dim, shape)
+    G = StyleGAN2Generator(g_blocks, ImageHead(tanh), cfg.latent_dim, shape)
 
     d_blocks: list[nn.Module] = [ConvLayer(cfg.channels, ch[cfg.size], 1)]
     d_blocks += [ResBlock(ch[2 ** r], ch[2 ** (r - 1)]) for r in range(levels, 2, -1)]
@@ -390,4 +400,16 @@ FAMILY = NetFamily(
     spatial_d_features=True,
     description="StyleGAN2 config F: mapping net, modulated convs, skip G, residual D; 32..1024 px",
     g_affine_params=style_params,
+)
+
+# The paper's G has a linear output, and D sees it unclamped. On digits, whose background is
+# saturated at exactly -1, D then separates fakes by their out-of-range pixels long before their
+# shapes, and a small G's FID stalls (docs/stylegan2.md, the stylegan2-small calibration). A tanh on
+# the image, as DCGAN has, bounds G's output to the data's range; everything else is unchanged. Not
+# for rosinality checkpoints (ganlib.nets.rosinality loads `stylegan2` only).
+FAMILY_TANH = dataclasses.replace(
+    FAMILY,
+    name="stylegan2-tanh",
+    build=functools.partial(build, tanh=True),
+    description="StyleGAN2 with a tanh on G's image, for saturated-background data such as digits; 32..1024 px",
 )
