@@ -176,3 +176,31 @@ def test_tanh_family_is_stylegan2_with_a_tanh_on_the_image_and_loads_no_referenc
 
     with pytest.raises(UserError, match="needs --net stylegan2, not --net stylegan2-tanh"):
         load_source_checkpoint("unused.pt", NetConfig("stylegan2-tanh", 32, 1, latent_dim=8, width=2), G_tanh, D_tanh)
+
+
+@pytest.mark.slow
+def test_path_length_regularisation_trains_under_two_process_ddp(tmp_path):
+    """DDP wants a gradient for every parameter it wraps after each backward, and the path-length
+    penalty alone does not reach G's to_rgb biases: the run must still finish on 2 processes."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           "-m", "ganlib.train", "--net", "stylegan2", "--size", "32", "--width", "1", "--latent-dim", "8",
+           "--batch", "4", "--steps", "5", "--pl-weight", "2", "--pl-interval", "2", "--log-every", "1",
+           "--data", "mnist5k:classes=0-1:n=64", "--out", str(tmp_path / "run"), "--no-progress"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["env/num_processes"] == 2 and metrics["loss/G/pl"] > 0  # step 5 (index 4) was a PL step
