@@ -34,7 +34,7 @@ class TrainConfig:
     loss: str = "nonsat"          # nonsat | hinge
     r1_gamma: float = 0.0         # R1 penalty weight gamma on real images; 0 = off
     r1_interval: int = 16         # lazy R1: apply every this many D steps, scaled by the interval
-    pl_weight: float = 0.0        # path-length regularisation weight of G (StyleGAN2: 2 at 256 px); 0 = off; net stylegan2 only
+    pl_weight: float = 0.0        # path-length regularisation weight of G (StyleGAN2: 2 at 256 px); 0 = off; stylegan2 nets only
     pl_interval: int = 4          # lazy path-length regularisation: apply every this many G steps, scaled by the interval
     steps: int = 300              # optimisation steps (each: one D step and one G step)
     batch: int = 64               # images per process per step
@@ -85,9 +85,6 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name}={getattr(self, name)} must be in [0, 1)")
-        if self.pl_weight > 0 and not self.net.startswith("stylegan2"):  # the families whose G returns its ws
-            raise UserError(f"pl_weight={self.pl_weight}: path-length regularisation needs --net stylegan2 "
-                            f"or stylegan2-tanh (got {self.net!r}); use pl_weight 0")
         if self.batch < 2:
             raise UserError(f"batch={self.batch} must be >= 2 (batch normalisation needs two samples)")
         return self

@@ -3,6 +3,7 @@ StyleGAN2's path-length regularisation of G."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -10,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ganlib.errors import UserError
 from ganlib.registry import Registry
 
 
@@ -80,6 +82,13 @@ class PathLengthRegularizer:
     def __init__(self, weight: float, interval: int):
         self.weight, self.interval = weight, interval
         self.mean = torch.zeros(())
+
+    @staticmethod
+    def check(G: torch.nn.Module, net: str) -> None:
+        """UserError unless G can return the per-layer w it made an image from (the stylegan2 families)."""
+        if "return_ws" not in inspect.signature(G.forward).parameters:
+            raise UserError(f"--pl-weight: path-length regularisation needs a generator with per-layer w "
+                            f"(--net stylegan2 or stylegan2-tanh), not --net {net}; use --pl-weight 0")
 
     def due(self, step: int) -> bool:
         """Whether G step `step` (0-based) is a regularised one."""

@@ -215,6 +215,8 @@ class Trainer:
         net_cfg = NetConfig(cfg.net, cfg.size, channels, cfg.latent_dim, cfg.width)
         G, D = build_networks(net_cfg)
         strategy.check(family, G, D)
+        if cfg.pl_weight > 0:
+            PathLengthRegularizer.check(G, cfg.net)
         if strategy.loads_source and cfg.source_checkpoint:
             load_source_checkpoint(cfg.source_checkpoint, net_cfg, G, D)
         elif strategy.loads_source:

@@ -6,6 +6,8 @@ reference is not vendored); docs/stylegan2.md records the figure and how it was 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from accelerate.state import AcceleratorState
@@ -149,13 +151,22 @@ def test_path_length_resume_restores_its_target(tiny_config, tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("bad, message", [(dict(pl_weight=-1.0), "pl_weight=-1.0 must be >= 0"),
-                                          (dict(pl_interval=0), "pl_interval=0 must be >= 1"),
-                                          (dict(pl_weight=2.0, net="dcgan"), "needs --net stylegan2")])
+                                          (dict(pl_interval=0), "pl_interval=0 must be >= 1")])
 def test_bad_path_length_settings_are_one_line_errors(tiny_config, bad, message):
     from ganlib.errors import UserError
 
     with pytest.raises(UserError, match=message):
         tiny_config(**{**PL_TINY, **bad})
+
+
+def test_path_length_on_a_generator_without_per_layer_w_is_refused_before_anything_is_written(tiny_config):
+    from ganlib.errors import UserError
+    from ganlib.train import Trainer
+
+    cfg = tiny_config(net="dcgan", pl_weight=2.0)
+    with pytest.raises(UserError, match="needs a generator with per-layer w .* not --net dcgan"):
+        Trainer(cfg)
+    assert not os.path.exists(cfg.out)
 
 
 def test_tanh_family_is_stylegan2_with_a_tanh_on_the_image_and_loads_no_reference_checkpoint():
