@@ -215,3 +215,14 @@ def test_path_length_regularisation_trains_under_two_process_ddp(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["env/num_processes"] == 2 and metrics["loss/G/pl"] > 0  # step 5 (index 4) was a PL step
+
+
+def test_path_length_fields_enter_the_fingerprint_only_when_on():
+    """Off (the default), runs and cached sources keep the fingerprint they had before the option
+    existed; on, a resume with another weight or interval is refused."""
+    from ganlib.config import TrainConfig
+    from ganlib.train import _fingerprint_fields, fingerprint
+
+    assert not {"pl_weight", "pl_interval"} & set(_fingerprint_fields(TrainConfig(pl_interval=8)))
+    on = TrainConfig(net="stylegan2", size=32, pl_weight=2.0)
+    assert fingerprint(on) != fingerprint(TrainConfig(net="stylegan2", size=32, pl_weight=2.0, pl_interval=8))
