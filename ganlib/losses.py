@@ -108,5 +108,4 @@ class PathLengthRegularizer:
         # + 0 * a pixel: parameters the Jacobian does not depend on (to_rgb biases) still join the graph,
         # as DDP needs a gradient for every parameter it wraps (the reference adds the same term).
         weighted = penalty * (self.weight * self.interval) + 0 * images[0, 0, 0, 0].float()
-        return weighted, {"loss/G/pl": penalty.detach(),
-                                                           "loss/G/pl_mean": self.mean.clone()}
+        return weighted, {"loss/G/pl": penalty.detach(), "loss/G/pl_mean": self.mean.clone()}

@@ -19,6 +19,9 @@ Sub-module names inside each block follow rosinality/stylegan2-pytorch's (`conv`
 `modulation`, `to_rgb`...), so a checkpoint in that format maps onto this one by prefixes only
 (ganlib.nets.rosinality). Resampling filters ([1, 3, 3, 1] FIR) run as depthwise convolutions.
 
+`stylegan2-tanh` (FAMILY_TANH) is the same network with a tanh on G's image, for data with a
+saturated background such as digits (why: the comment above FAMILY_TANH).
+
 Departures, each for a reason: (1) the image is clamped to [-1, 1] in eval mode only (samples and
 metrics see the contract's range, D trains on the raw output as in the paper); (2) style mixing
 happens only when G is asked for images alone (CDC's feature comparison uses single-latent forwards,
@@ -245,8 +248,8 @@ class StyleGAN2Generator(Generator):
     """`Generator` whose blocks pass (feature map, RGB skip, per-layer w) instead of one tensor.
 
     `forward(z, return_features=False, noise_mode="random", return_ws=False)`; `noise_mode="const"`
-    uses the stored noise maps. In training mode, and only when features are not requested, a batch mixes two
-    latents with probability `mixing_prob` at a random layer (style-mixing regularisation).
+    uses the stored noise maps. In training mode, and only when features are not requested, a batch
+    mixes two latents with probability `mixing_prob` at a random layer (style-mixing regularisation).
     """
 
     def __init__(self, blocks, head, latent_dim, image_shape, mixing_prob: float = MIXING_PROB):
