@@ -4,7 +4,8 @@ The figures issue 15's closing note asks for, measured the way the loop measures
 FLOPs counted on a warm-up step, the device synchronised around every timed step, the median step):
 
   CPU, the stylegan2-small preset's network (run on a quiet machine, nothing else running):
-    OMP_NUM_THREADS=2 python scripts/stylegan2_throughput.py --size 32 --width 4 --latent-dim 64 --batch 32
+    OMP_NUM_THREADS=2 python scripts/stylegan2_throughput.py --net stylegan2-tanh --size 32 --width 4 \
+        --latent-dim 64 --batch 32
   GPU, config F at 256 px (one GPU):
     python scripts/stylegan2_throughput.py --size 256 --width 64 --latent-dim 512 --channels 3 \\
         --batch 16 32 --precision no bf16
@@ -39,12 +40,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(size: int, width: int, latent_dim: int, channels: int, batch: int, precision: str, steps: int,
+def measure(net: str, size: int, width: int, latent_dim: int, channels: int, batch: int, precision: str, steps: int,
             warmup: int, r1_gamma: float) -> dict:
     """One case: `warmup` untimed steps (the first counts FLOPs), then `steps` timed ones."""
     AcceleratorState._reset_state(True)
     with tempfile.TemporaryDirectory() as out:
-        cfg = TrainConfig(net="stylegan2", size=size, width=width, latent_dim=latent_dim, channels=channels,
+        cfg = TrainConfig(net=net, size=size, width=width, latent_dim=latent_dim, channels=channels,
                           data="mnist5k", batch=batch, steps=10**6, mixed_precision=precision, out=out,
                           r1_gamma=r1_gamma, progress=False)
         trainer = Trainer(cfg, make_accelerator(precision))
@@ -66,7 +67,7 @@ def measure(size: int, width: int, latent_dim: int, channels: int, batch: int, p
         peak_gb, mem_kind = peak_memory_gb(device)
         median = statistics.median(times)
         matmul_peak = matmul_peak_flops(device, precision_dtype(precision))
-        return {"size": size, "width": width, "batch": batch, "precision": precision, "device": str(device),
+        return {"net": net, "size": size, "width": width, "batch": batch, "precision": precision, "device": str(device),
                 "img_per_s": batch / median, "step_time_p50_ms": median * 1e3, "peak_mem_gb": peak_gb,
                 "mem_kind": mem_kind, "flops_per_step": flops, "achieved_tflops": flops / median / 1e12,
                 "matmul_peak_tflops": matmul_peak / 1e12, "peak_fraction": flops / median / matmul_peak,
@@ -75,6 +76,7 @@ def measure(size: int, width: int, latent_dim: int, channels: int, batch: int, p
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--net", default="stylegan2", help="stylegan2 | stylegan2-tanh (the stylegan2-small preset's)")
     parser.add_argument("--size", type=int, default=32, help="image side, px")
     parser.add_argument("--width", type=int, default=4, help="width multiplier (64 = config F)")
     parser.add_argument("--latent-dim", type=int, default=64, help="latent length (512 = config F)")
@@ -88,10 +90,10 @@ def main() -> None:
     rows = []
     for precision in args.precision:
         for batch in args.batch:
-            row = measure(args.size, args.width, args.latent_dim, args.channels, batch, precision, args.steps,
+            row = measure(args.net, args.size, args.width, args.latent_dim, args.channels, batch, precision, args.steps,
                           args.warmup, args.r1_gamma)
             rows.append(row)
-            print(f"stylegan2 {row['size']}px width {row['width']} batch {batch} {precision} on {row['device']}: "
+            print(f"{row['net']} {row['size']}px width {row['width']} batch {batch} {precision} on {row['device']}: "
                   f"{row['img_per_s']:.1f} img/s (step p50 {row['step_time_p50_ms']:.0f} ms), peak memory "
                   f"{row['peak_mem_gb']:.2f} GB ({row['mem_kind']}), {row['achieved_tflops']:.3f} TFLOP/s = "
                   f"{row['peak_fraction']:.1%} of the measured matmul peak {row['matmul_peak_tflops']:.2f} TFLOP/s",
