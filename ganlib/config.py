@@ -40,6 +40,8 @@ class TrainConfig:
     loss: str = "nonsat"          # nonsat | hinge
     r1_gamma: float = 0.0         # R1 penalty weight gamma on real images; 0 = off
     r1_interval: int = 16         # lazy R1: apply every this many D steps, scaled by the interval
+    pl_weight: float = 0.0        # path-length regularisation weight of G (StyleGAN2: 2 at 256 px); 0 = off; stylegan2 nets only
+    pl_interval: int = 4          # lazy path-length regularisation: apply every this many G steps, scaled by the interval
     steps: int = 300              # optimisation steps (each: one D step and one G step)
     batch: int = 64               # images per process per step
     lr_g: float = 2e-4            # Adam learning rate of G (and G-side extras)
@@ -68,11 +70,11 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check values that need no I/O; raise UserError naming the field."""
         _check_types(self)
-        positive = ("size", "width", "latent_dim", "steps", "batch", "r1_interval", "log_every")
+        positive = ("size", "width", "latent_dim", "steps", "batch", "r1_interval", "pl_interval", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("warmup_steps", "ckpt_every", "eval_every", "channels", "r1_gamma"):
+        for name in ("warmup_steps", "ckpt_every", "eval_every", "channels", "r1_gamma", "pl_weight"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name}={getattr(self, name)} must be >= 0")
         if self.channels not in (0, 1, 3):

@@ -38,7 +38,7 @@ from ganlib.distributed import (broadcast_buffers, broadcast_object, gather_floa
                                 unwrap)
 from ganlib.errors import UserError, exit_on_user_error
 from ganlib.preflight import check_free_space, check_writable
-from ganlib.losses import LOSSES, r1_penalty
+from ganlib.losses import LOSSES, PathLengthRegularizer, r1_penalty
 from ganlib.measure import StepClock, peak_memory_gb, percentile, reset_peak_memory
 from ganlib.nets import NETWORKS, NetConfig, build_networks
 from ganlib.nets.rosinality import load_source_checkpoint
@@ -105,6 +105,8 @@ def _fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
         del keep["augment"], keep["augment_options"]
     else:
         keep["augment_options"] = build_augment(cfg.augment, cfg.augment_options).options_dict()
+    if not cfg.pl_weight:  # runs from before path-length regularisation keep their fingerprint
+        del keep["pl_weight"], keep["pl_interval"]
     return keep
 
 
@@ -214,6 +216,8 @@ class Trainer:
         net_cfg = NetConfig(cfg.net, cfg.size, channels, cfg.latent_dim, cfg.width)
         G, D = build_networks(net_cfg)
         strategy.check(family, G, D)
+        if cfg.pl_weight > 0:
+            PathLengthRegularizer.check(G, cfg.net)
         if strategy.loads_source and cfg.source_checkpoint:
             load_source_checkpoint(cfg.source_checkpoint, net_cfg, G, D)
         elif strategy.loads_source:
@@ -286,6 +290,7 @@ class Trainer:
         self.optimizer_states = {"G": self.opt_g.optimizer, "D": self.opt_d.optimizer,
                                  **({"scaler": accelerator.scaler} if accelerator.scaler is not None else {})}
         self.r1_scale = cfg.r1_gamma / 2 * cfg.r1_interval
+        self.path_length = PathLengthRegularizer(cfg.pl_weight, cfg.pl_interval) if cfg.pl_weight > 0 else None
         self.fid_curve: list[dict[str, Any]] = []
         self.train_curve: list[dict[str, Any]] = []
         self.pending: list[dict[str, torch.Tensor]] = []
@@ -308,6 +313,8 @@ class Trainer:
             self.pending = [{k: torch.tensor(v, device=self.device) for k, v in logs.items()}
                             for logs in progress["unread"]]
             self.augment.load_state_dict(progress.get("augment", {}), self.accelerator.is_main_process)
+            if self.path_length is not None:
+                self.path_length.mean = torch.tensor(progress["pl_mean"], device=self.device)
 
     def _saved_modules(self) -> dict[str, nn.Module]:
         """What a run saves, unwrapped, by file stem (`<stem>.safetensors`), in the final outputs and
@@ -327,7 +334,8 @@ class Trainer:
         unread = [dict(zip(sorted(logs), accelerator.reduce(torch.stack([logs[k].float() for k in sorted(logs)]),
                                                              reduction="mean").cpu().tolist())) for logs in self.pending]
         progress = {"train_s": self.train_seconds, "curves": {"train": self.train_curve, "fid": self.fid_curve},
-                    "unread": unread, "augment": self.augment.state_dict(self._reduce_sum)}
+                    "unread": unread, "augment": self.augment.state_dict(self._reduce_sum),
+                    **({"pl_mean": self.path_length.mean.item()} if self.path_length is not None else {})}
         tmp = ckpt.begin_checkpoint(self.resume_dir) if accelerator.is_main_process else None
         accelerator.wait_for_everyone()
         ckpt.write_rng(self.resume_dir.with_name(f".{self.resume_dir.name}.tmp"), self.rank,
@@ -343,6 +351,9 @@ class Trainer:
 
     def _reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t, reduction="sum")
+
+    def _reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t, reduction="mean")
 
     def eval_generator(self) -> nn.Module:
         """The generator to sample from: the EMA when on, else G itself, unwrapped."""
@@ -410,6 +421,10 @@ class Trainer:
         """Whether D's lazy regulariser (R1) runs at `step`: every `r1_interval` steps when on."""
         return self.cfg.r1_gamma > 0 and step % self.cfg.r1_interval == 0
 
+    def _pl_due(self, step: int) -> bool:
+        """Whether G's lazy regulariser (path length) runs at `step`: every `pl_interval` steps when on."""
+        return self.path_length is not None and self.path_length.due(step)
+
     def _d_phase(self, step: int, plan: StepPlan, fakes: Fakes | None, logs: dict[str, torch.Tensor]) -> None:
         """D main (real vs fake) and, on R1 steps, D reg: R1 on the reals, scaled by its interval,
         added to the same backward (stylegan2-ada's Dboth); then D's optimiser step."""
@@ -436,8 +451,8 @@ class Trainer:
 
     def _g_phase(self, step: int, plan: StepPlan, fakes: Fakes, logs: dict[str, torch.Tensor]) -> None:
         """G main: D's verdict on this step's fakes plus the strategy's extra losses, back-propagated
-        with D frozen; then G's optimiser step and the EMA. A lazy G regulariser (G reg) belongs in
-        this phase on the steps of its interval, before the optimiser step, as R1 in `_d_phase`."""
+        with D frozen; on the steps of its interval, G reg (the path-length penalty), as R1 in
+        `_d_phase`; then G's optimiser step and the EMA."""
         accelerator = self.accelerator
         with self._g_as_planned(plan), frozen_for_phase(accelerator, self.d_modules, self.d_params, active=False):
             with accelerator.autocast():
@@ -450,6 +465,11 @@ class Trainer:
                     logs[f"loss/G/{name}"] = value.detach()
                     loss_g = loss_g + value
             accelerator.backward(loss_g)
+            if self._pl_due(step):  # G reg: its gradient joins this phase's optimiser step
+                with accelerator.autocast():
+                    loss_pl, pl_logs = self.path_length.loss(self.G, fakes.z.detach(), self._reduce_mean)
+                logs.update(pl_logs)
+                accelerator.backward(loss_pl)
         self.opt_g.step()
         self.opt_g.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -464,8 +484,9 @@ class Trainer:
         cfg, accelerator, device = self.cfg, self.accelerator, self.device
         clock = StepClock(device, warmup=cfg.warmup_steps)
         step_flops = 0
-        # The FLOP counter's module hooks cannot run inside autograd.grad, so skip a lazy-R1 step.
-        flop_step = self.start_step + int(self._r1_due(self.start_step))
+        # The FLOP counter's module hooks cannot run inside autograd.grad, so skip a step where R1 or
+        # the path-length penalty is due (none is counted when every step is one).
+        flop_step = next((s for s in range(self.start_step, cfg.steps) if not (self._r1_due(s) or self._pl_due(s))), -1)
         reset_peak_memory(device)
         if self.eval_fn is not None and cfg.eval_every and self.start_step == 0:
             self.run_eval(0)

@@ -181,7 +181,7 @@ def build_networks(cfg: NetConfig) -> tuple[Generator, Discriminator]:
 # imported after those are defined; this is the one place that lists them.
 from ganlib.nets import dcgan, mlp, resnet, stylegan2  # noqa: E402
 
-for _family in (mlp.FAMILY, dcgan.FAMILY, resnet.FAMILY, stylegan2.FAMILY):
+for _family in (mlp.FAMILY, dcgan.FAMILY, resnet.FAMILY, stylegan2.FAMILY, stylegan2.FAMILY_TANH):
     NETWORKS.register(_family.name, _family)
 
 __all__ = ["NETWORKS", "NetConfig", "NetFamily", "Generator", "Discriminator",

@@ -19,6 +19,9 @@ Sub-module names inside each block follow rosinality/stylegan2-pytorch's (`conv`
 `modulation`, `to_rgb`...), so a checkpoint in that format maps onto this one by prefixes only
 (ganlib.nets.rosinality). Resampling filters ([1, 3, 3, 1] FIR) run as depthwise convolutions.
 
+`stylegan2-tanh` (FAMILY_TANH) is the same network with a tanh on G's image, for data with a
+saturated background such as digits (why: the comment above FAMILY_TANH).
+
 Departures, each for a reason: (1) the image is clamped to [-1, 1] in eval mode only (samples and
 metrics see the contract's range, D trains on the raw output as in the paper); (2) style mixing
 happens only when G is asked for images alone (CDC's feature comparison uses single-latent forwards,
@@ -28,6 +31,8 @@ as the CDC code does); (3) modulation scales the activations rather than the wei
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import torch
@@ -226,18 +231,25 @@ class SynthesisBlock(nn.Module):
 
 
 class ImageHead(nn.Module):
-    """The summed RGB skip is the image; clamped to [-1, 1] only in eval mode (see the module doc)."""
+    """The summed RGB skip is the image; clamped to [-1, 1] only in eval mode (see the module doc).
+    With `tanh` (the `stylegan2-tanh` family) the image is tanh(skip) in every mode instead."""
+
+    def __init__(self, tanh: bool = False):
+        super().__init__()
+        self.tanh = tanh
 
     def forward(self, skip: torch.Tensor) -> torch.Tensor:
+        if self.tanh:
+            return torch.tanh(skip)
         return skip if self.training else skip.clamp(-1, 1)
 
 
 class StyleGAN2Generator(Generator):
     """`Generator` whose blocks pass (feature map, RGB skip, per-layer w) instead of one tensor.
 
-    `forward(z, return_features=False, noise_mode="random")`; `noise_mode="const"` uses the stored
-    noise maps. In training mode, and only when features are not requested, a batch mixes two
-    latents with probability `mixing_prob` at a random layer (style-mixing regularisation).
+    `forward(z, return_features=False, noise_mode="random", return_ws=False)`; `noise_mode="const"`
+    uses the stored noise maps. In training mode, and only when features are not requested, a batch
+    mixes two latents with probability `mixing_prob` at a random layer (style-mixing regularisation).
     """
 
     def __init__(self, blocks, head, latent_dim, image_shape, mixing_prob: float = MIXING_PROB):
@@ -263,7 +275,10 @@ class StyleGAN2Generator(Generator):
         start = 0 if index == 1 else 2 * index - 3
         return ws[:, start:start + self.blocks[index].w_slots]
 
-    def forward(self, z: torch.Tensor, return_features: bool = False, noise_mode: str = "random"):
+    def forward(self, z: torch.Tensor, return_features: bool = False, noise_mode: str = "random",
+                return_ws: bool = False):
+        """`return_ws=True`: (image, ws [N, num_ws, latent]), the per-layer w the image was made from
+        (what path-length regularisation differentiates with respect to, ganlib.losses)."""
         w, ws = self._ws(z, mix=self.training and not return_features)
         features = [w]
         x = skip = None
@@ -271,6 +286,8 @@ class StyleGAN2Generator(Generator):
             x, skip = self.blocks[i](x, skip, self._synthesis_ws(ws, i), noise_mode)
             features.append(x)
         image = self.head(skip)
+        if return_ws:
+            return image, ws
         return (image, features) if return_features else image
 
     def features_through(self, blocks: nn.ModuleList, z: torch.Tensor) -> torch.Tensor:
@@ -355,8 +372,9 @@ class DiscriminatorHead(nn.Module):
         return self.out(self.fc(x.flatten(1))).squeeze(1)
 
 
-def build(cfg: NetConfig) -> tuple[StyleGAN2Generator, Discriminator]:
-    """Build the StyleGAN2 pair with the paper's init (N(0, 1) weights, style biases 1, noise strength 0)."""
+def build(cfg: NetConfig, tanh: bool = False) -> tuple[StyleGAN2Generator, Discriminator]:
+    """Build the StyleGAN2 pair with the paper's init (N(0, 1) weights, style biases 1, noise strength 0);
+    `tanh`: G's image is tanh of the summed skip (FAMILY_TANH)."""
     levels = int(math.log2(cfg.size))  # 2**levels px
     ch = {2 ** r: channels_at(2 ** r, cfg.width) for r in range(2, levels + 1)}
     w_dim = cfg.latent_dim
@@ -364,7 +382,7 @@ def build(cfg: NetConfig) -> tuple[StyleGAN2Generator, Discriminator]:
     g_blocks: list[nn.Module] = [MappingNetwork(cfg.latent_dim, depth), InputBlock(ch[4], cfg.channels, w_dim)]
     g_blocks += [SynthesisBlock(ch[2 ** (r - 1)], ch[2 ** r], cfg.channels, w_dim, 2 ** r) for r in range(3, levels + 1)]
     shape = (cfg.channels, cfg.size, cfg.size)
-    G = StyleGAN2Generator(g_blocks, ImageHead(), cfg.latent_dim, shape)
+    G = StyleGAN2Generator(g_blocks, ImageHead(tanh), cfg.latent_dim, shape)
 
     d_blocks: list[nn.Module] = [ConvLayer(cfg.channels, ch[cfg.size], 1)]
     d_blocks += [ResBlock(ch[2 ** r], ch[2 ** (r - 1)]) for r in range(levels, 2, -1)]
@@ -385,4 +403,16 @@ FAMILY = NetFamily(
     spatial_d_features=True,
     description="StyleGAN2 config F: mapping net, modulated convs, skip G, residual D; 32..1024 px",
     g_affine_params=style_params,
+)
+
+# The paper's G has a linear output, and D sees it unclamped. On digits, whose background is
+# saturated at exactly -1, D then separates fakes by their out-of-range pixels long before their
+# shapes, and a small G's FID stalls (docs/stylegan2.md, the stylegan2-small calibration). A tanh on
+# the image, as DCGAN has, bounds G's output to the data's range; everything else is unchanged. Not
+# for rosinality checkpoints (ganlib.nets.rosinality loads `stylegan2` only).
+FAMILY_TANH = dataclasses.replace(
+    FAMILY,
+    name="stylegan2-tanh",
+    build=functools.partial(build, tanh=True),
+    description="StyleGAN2 with a tanh on G's image, for saturated-background data such as digits; 32..1024 px",
 )
