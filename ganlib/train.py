@@ -369,7 +369,10 @@ class Trainer:
         gen = self.eval_generator()
         was_training = gen.training
         gen.eval()
-        with torch.no_grad():
+        # The evaluation draws from the global random stream (StyleGAN2's noise inputs and style
+        # mixing train from it too): fork it, so that how often a run evaluates cannot change its weights.
+        cuda_devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda_devices):
             result = self.eval_fn(step, gen, self.map_latent_eval)
         gen.train(was_training)
         if result is not None:

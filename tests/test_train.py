@@ -121,6 +121,15 @@ def test_same_config_and_seed_give_bitwise_identical_weights(tiny_config, tmp_pa
         assert_bitwise(tmp_path / "a", tmp_path / "c", ["generator"])
 
 
+def test_how_often_a_run_evaluates_does_not_change_its_weights(tiny_config, tmp_path):
+    """StyleGAN2 trains from the global random stream (noise inputs, style mixing); an evaluation
+    that draws from it too must not shift what training draws."""
+    opts = dict(net="stylegan2", size=32, width=1, latent_dim=16, steps=4, ema_decay=0.9)
+    train(tiny_config(**opts, eval_every=0, out=str(tmp_path / "quiet")))
+    train(tiny_config(**opts, eval_every=1, out=str(tmp_path / "eval")), eval_fn=_sample_mean)
+    assert_bitwise(tmp_path / "quiet", tmp_path / "eval", ["generator", "discriminator", "generator_ema"])
+
+
 def test_lazy_r1_runs_on_the_steps_of_its_interval_and_reaches_d(tiny_config, tmp_path):
     # stylegan2-ada's lazy regularisation: R1 on steps 0, 3 and 6 of 7 only, and what D learns changes
     lazy = train(tiny_config(steps=7, log_every=1, r1_gamma=1.0, r1_interval=3, out=str(tmp_path / "r1")))
