@@ -285,7 +285,10 @@ def test_ctrl_c_stops_every_worker_and_resume_finishes_the_rest(tmp_path, tmp_pa
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([str(BENCH), "run", str(matrix_file), "--out", str(run_dir), "--workers", "2",
                              "--wandb", "disabled"], cwd=tmp_path, env=bench_env(cache), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # Ctrl-C's default, as a terminal gives it: a suite started in the
+                            # background (`cmd &`) would hand `bench run` SIGINT ignored.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         wait_for(lambda: len(records_of(run_dir)) >= 1, proc, "the first record")
         pids = [int(p.read_text()) for p in (run_dir / "launch").glob("*.pid")]
