@@ -43,8 +43,8 @@ def test_default_training_cuts_fid(net, max_ratio, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("GANBENCH_SLOW_QUALITY"), reason="800 StyleGAN2 steps (an estimated 4-5 minutes on an idle "
-                    "2-core machine): set GANBENCH_SLOW_QUALITY=1 to run it")
+@pytest.mark.skipif(not os.environ.get("GANBENCH_SLOW_QUALITY"), reason="800 StyleGAN2 steps (3.5 minutes on an idle 2-core "
+                    "machine): set GANBENCH_SLOW_QUALITY=1 to run it")
 def test_stylegan2_small_preset_pretraining_cuts_fid(tmp_path):
     """The `stylegan2-small` preset's source pretraining, exactly as the preset configures it, must
     take a 32 px StyleGAN2 to at most half its FID at initialisation on the source digits."""
