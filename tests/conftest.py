@@ -42,6 +42,29 @@ def fresh_accelerate_state():
 
 
 @pytest.fixture
+def crash_after_first_checkpoint(monkeypatch):
+    """`crash_after_first_checkpoint(run)` calls `run()`, which dies (KeyboardInterrupt) right after
+    writing its first checkpoint, as a killed job would; checkpointing is whole again afterwards."""
+    from ganlib import checkpoint as ckpt
+
+    def crash(run) -> None:
+        real_finish = ckpt.finish_checkpoint
+
+        def die_after_the_first_checkpoint(*args, **kwargs):
+            real_finish(*args, **kwargs)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(ckpt, "finish_checkpoint", die_after_the_first_checkpoint)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run()
+        finally:
+            monkeypatch.setattr(ckpt, "finish_checkpoint", real_finish)
+
+    return crash
+
+
+@pytest.fixture
 def tiny_config(tmp_path):
     """`tiny_config(**overrides)` -> a validated TrainConfig writing under tmp_path/run."""
 

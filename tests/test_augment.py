@@ -164,13 +164,12 @@ def test_ada_p_is_a_curve_of_the_training_run(tmp_path):
 
 
 @pytest.mark.parametrize("augment", ["diffaugment", "ada"])
-def test_resume_mid_interval_reproduces_the_run(tmp_path, monkeypatch, augment):
+def test_resume_mid_interval_reproduces_the_run(tmp_path, crash_after_first_checkpoint, augment):
     """The augmentation stream and ADA's p and part-interval statistics are checkpointed: a run that
     dies after its step-3 checkpoint (mid ADA interval) and resumes ends bitwise where an
     uninterrupted run does, with the same p curve."""
     from safetensors.torch import load_file
 
-    from ganlib import checkpoint as ckpt
     from ganlib.train import train
 
     opts = dict(net="dcgan", size=28, width=8, latent_dim=16, batch=8, steps=8, ckpt_every=3, log_every=1,
@@ -178,16 +177,7 @@ def test_resume_mid_interval_reproduces_the_run(tmp_path, monkeypatch, augment):
                 augment=augment, r1_gamma=1.0, r1_interval=2,
                 augment_options={"interval": 2, "ramp_kimg": 0.05, "p_init": 0.5} if augment == "ada" else {})
     a = train(TrainConfig(**opts, out=str(tmp_path / "a")))
-    real_finish = ckpt.finish_checkpoint
-
-    def die_after_the_first_checkpoint(*args, **kwargs):
-        real_finish(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt, "finish_checkpoint", die_after_the_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**opts, out=str(tmp_path / "b")))
-    monkeypatch.setattr(ckpt, "finish_checkpoint", real_finish)
+    crash_after_first_checkpoint(lambda: train(TrainConfig(**opts, out=str(tmp_path / "b"))))
     b = train(TrainConfig(**opts, out=str(tmp_path / "b"), resume=True))
     assert b.curves["train"] == a.curves["train"]
     for stem in ("generator", "discriminator"):

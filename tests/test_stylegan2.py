@@ -125,23 +125,13 @@ def test_path_length_regularisation_runs_on_due_g_steps_and_changes_only_g(tiny_
     assert 0 < trainer.path_length.mean.item()  # the target moved off 0
 
 
-def test_path_length_resume_restores_its_target(tiny_config, tmp_path, monkeypatch):
-    from ganlib import checkpoint as ckpt
+def test_path_length_resume_restores_its_target(tiny_config, tmp_path, crash_after_first_checkpoint):
     from ganlib.train import train
 
     opts = dict(PL_TINY, steps=6, ckpt_every=3, pl_weight=2.0, pl_interval=2)
     a = train(tiny_config(**opts, out=str(tmp_path / "a")))
-    real_finish = ckpt.finish_checkpoint
-
-    def die_after_the_first_checkpoint(*args, **kwargs):
-        real_finish(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt, "finish_checkpoint", die_after_the_first_checkpoint)
     AcceleratorState._reset_state(True)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(**opts, out=str(tmp_path / "b")))
-    monkeypatch.setattr(ckpt, "finish_checkpoint", real_finish)
+    crash_after_first_checkpoint(lambda: train(tiny_config(**opts, out=str(tmp_path / "b"))))
     AcceleratorState._reset_state(True)
     b = train(tiny_config(**opts, out=str(tmp_path / "b"), resume=True))
     targets = lambda run: [(row["step"], row["loss/G/pl_mean"]) for row in run.curves["train"]  # noqa: E731

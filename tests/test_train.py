@@ -309,20 +309,11 @@ def _sample_mean(step, gen, map_latent):
     return {"sample_mean": float(gen(map_latent(torch.randn(4, gen.latent_dim))).mean())}
 
 
-def test_resume_after_a_crash_reproduces_weights_and_curves(tiny_config, tmp_path, monkeypatch):
+def test_resume_after_a_crash_reproduces_weights_and_curves(tiny_config, tmp_path, crash_after_first_checkpoint):
     # in-process, fast: the run dies right after its first checkpoint (step 3, between two log reads)
     opts = dict(steps=8, ckpt_every=3, log_every=2, eval_every=3, r1_gamma=1.0, r1_interval=3, ema_decay=0.9)
     a = train(tiny_config(**opts, out=str(tmp_path / "a")), eval_fn=_sample_mean)
-    real_finish = ckpt.finish_checkpoint
-
-    def die_after_the_first_checkpoint(*args, **kwargs):
-        real_finish(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt, "finish_checkpoint", die_after_the_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(**opts, out=str(tmp_path / "b")), eval_fn=_sample_mean)
-    monkeypatch.setattr(ckpt, "finish_checkpoint", real_finish)
+    crash_after_first_checkpoint(lambda: train(tiny_config(**opts, out=str(tmp_path / "b")), eval_fn=_sample_mean))
     assert ckpt.read_meta(tmp_path / "b" / "checkpoint")["step"] == 3
     b = train(tiny_config(**opts, out=str(tmp_path / "b"), resume=True), eval_fn=_sample_mean)
 
