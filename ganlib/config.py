@@ -103,6 +103,15 @@ class TrainConfig:
         return {f.name: value for f, value in zip(dataclasses.fields(self), self.to_dict().values())
                 if f.metadata.get("fingerprint", True)}
 
+    def key_fields(self) -> dict[str, Any]:
+        """`weight_fields()` without an option that is off (path-length regularisation at weight 0):
+        what the training fingerprint and the source-cache key start from, so that the keys of runs
+        and sources from before the option existed stay valid."""
+        fields = self.weight_fields()
+        if not self.pl_weight:
+            del fields["pl_weight"], fields["pl_interval"]
+        return fields
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "config") -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}

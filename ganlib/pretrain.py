@@ -44,10 +44,10 @@ LOCK_TIMEOUT_ENV = "GANBENCH_LOCK_TIMEOUT_S"  # longest wait for another job's p
 LOCK_TIMEOUT_S = 3600.0  # its default: a long pretraining elsewhere; bench sets it below its collective timeout
 KEY_VERSION = 2  # bump when a cached source would come out different (2: NHWC on CPU, whole-map matmuls)
 
-# Besides the run-only fields (TrainConfig.weight_fields leaves those out), the fields a source's
-# key ignores: how the kernels run, and what pretraining replaces (strategy, source). Every other
-# field, including ones added later, is part of the key: a needless cache miss costs time, a wrong
-# hit gives wrong weights.
+# Besides the run-only fields and the options that are off (TrainConfig.key_fields leaves those
+# out), the fields a source's key ignores: how the kernels run, and what pretraining replaces
+# (strategy, source). Every other field, including ones added later, is part of the key: a needless
+# cache miss costs time, a wrong hit gives wrong weights.
 _NOT_IN_KEY = frozenset({
     "compile", "memory_format", "strategy", "strategy_options", "source",
     "mixed_precision",  # replaced by the precision the accelerator actually runs
@@ -73,7 +73,7 @@ def source_key_fields(cfg: TrainConfig, num_processes: int, mixed_precision: str
     `num_processes` counts because the batch is per process; `mixed_precision` is what the
     accelerator runs ("no", "bf16", "fp16"), not the config's "" (= whatever the launcher chose).
     """
-    fields = {k: v for k, v in source_config(cfg).weight_fields().items() if k not in _NOT_IN_KEY}
+    fields = {k: v for k, v in source_config(cfg).key_fields().items() if k not in _NOT_IN_KEY}
     fields["data"] = str(DataSpec.parse(cfg.data))
     fields["channels"] = cfg.channels or DataSpec.parse(cfg.data).channels
     fields["mixed_precision"] = mixed_precision or "no"

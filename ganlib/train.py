@@ -98,15 +98,13 @@ def to_channels_last(module: nn.Module) -> None:
 
 def _fingerprint_fields(cfg: TrainConfig) -> dict[str, Any]:
     """The fields that determine the weights (what `fingerprint` hashes)."""
-    keep = cfg.weight_fields()
+    keep = cfg.key_fields()
     # Typed and with defaults filled in, so layers="2" (CLI), layers=2 (YAML) and no option hash alike.
     keep["strategy_options"] = build_strategy(cfg.strategy, cfg.strategy_options).options_dict()
     if cfg.augment == "none":  # runs from before the augmentation axis keep their fingerprint
         del keep["augment"], keep["augment_options"]
     else:
         keep["augment_options"] = build_augment(cfg.augment, cfg.augment_options).options_dict()
-    if not cfg.pl_weight:  # runs from before path-length regularisation keep their fingerprint
-        del keep["pl_weight"], keep["pl_interval"]
     return keep
 
 

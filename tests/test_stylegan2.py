@@ -211,8 +211,11 @@ def test_path_length_fields_enter_the_fingerprint_only_when_on():
     """Off (the default), runs and cached sources keep the fingerprint they had before the option
     existed; on, a resume with another weight or interval is refused."""
     from ganlib.config import TrainConfig
+    from ganlib.pretrain import source_key_fields
     from ganlib.train import _fingerprint_fields, fingerprint
 
     assert not {"pl_weight", "pl_interval"} & set(_fingerprint_fields(TrainConfig(pl_interval=8)))
+    assert not {"pl_weight", "pl_interval"} & set(source_key_fields(TrainConfig(pl_interval=8), 1, "no"))
     on = TrainConfig(net="stylegan2", size=32, pl_weight=2.0)
     assert fingerprint(on) != fingerprint(TrainConfig(net="stylegan2", size=32, pl_weight=2.0, pl_interval=8))
+    assert source_key_fields(on, 1, "no")["pl_weight"] == 2.0
