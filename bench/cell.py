@@ -44,7 +44,7 @@ def identity(matrix: Matrix, cell: Cell, run_id: str) -> dict[str, Any]:
         "schema": 1, "run_id": run_id, "matrix": matrix.name, "cell_id": cell.id,
         "strategy": cell.arm, "strategy_options": cell.strategy.options,
         "augment": cell.augment.id, "augment_options": cell.augment.options,
-        "pair": cell.pair.id, "source": str(cell.pair.source), "target": str(cell.pair.target),
+        "pair": cell.pair.id, "source": cell.pair.source_text, "target": str(cell.pair.target),
         "network": cell.network.name, "size": cell.network.size, "setup": cell.setup, "seed": cell.seed,
     }
 
@@ -53,7 +53,7 @@ def cell_config(matrix: Matrix, cell: Cell) -> dict[str, Any]:
     """The cell's full configuration, as recorded and sent to W&B."""
     return {
         "transfer": matrix.train_config(cell).to_dict(),
-        "source_pretrain": matrix.source_config(cell).to_dict(),
+        "source_pretrain": source.to_dict() if (source := matrix.source_config(cell)) else None,
         "strategy": {"name": cell.strategy.name, "id": cell.strategy.id, "options": cell.strategy.options},
         "augment": {"name": cell.augment.name, "id": cell.augment.id, "options": cell.augment.options},
         "metrics": dataclasses.asdict(matrix.metrics),
@@ -134,18 +134,18 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
          cache_dir: Path | None, live=None) -> tuple[dict, dict, dict]:
     cfg = matrix.train_config(cell, out=str(cell_dir), progress=False)
     network = cell.network
-    channels = cell.pair.source.channels
+    channels = cell.pair.channels
 
-    # the whole target domain for FID (few-shot training sees only n of it)
+    # the whole target domain for FID (few-shot training sees only n of it), or the pair's eval set
     domain = load_images(cell.pair.eval_target, network.size, channels)
     real = domain.images
     target = load_images(cell.pair.target, network.size, channels).images
     real_key = f"{cell.pair.eval_target}|{network.size}px|{channels}ch"
     m = matrix.metrics
-    num_samples = min(m.num_samples, real.shape[0])
+    num_samples = min(m.num_samples, real.shape[0]) if m.cap_at_real else m.num_samples
     final_cfg = MetricConfig(extractor=m.extractor, num_samples=num_samples,
                              precision_recall=m.precision_recall, inception_weights=m.inception_weights,
-                             cache_dir=str(cache_dir) if cache_dir else None)
+                             cache_dir=str(cache_dir) if cache_dir else None, more_fake_than_real=not m.cap_at_real)
     curve_cfg = dataclasses.replace(final_cfg, num_samples=min(m.curve_samples, num_samples), precision_recall=False)
 
     metrics: dict[str, Any] = {"timing/source_pretrain_s": None, "timing/source_cache_hit": None}  # no source
@@ -172,10 +172,11 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
 
     def transfer_fidelity(fake: torch.Tensor) -> dict[str, Any]:
         """Main process only: ganlib.fewshot's metrics of the final samples, and nearest.png."""
+        separate = None if cell.pair.shots_in_eval else target  # a separate eval set holds no shot
         fidelity = transfer_metrics(fake, cell.pair.target, domain, m.extractor, device=accelerator.device,
-                                    inception_weights=m.inception_weights)
+                                    inception_weights=m.inception_weights, shots=separate)
         if fidelity.nearest is not None:
-            shots = real[training_positions(cell.pair.target, real.shape[0])]
+            shots = target if separate is not None else real[training_positions(cell.pair.target, real.shape[0])]
             _save_nearest(fake[:NEAREST_SHOWN], shots[fidelity.nearest[:NEAREST_SHOWN]], cell_dir / NEAREST_FILE)
         return fidelity.metrics
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import importlib.resources
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,12 @@ import yaml
 from ganlib.augment import AUGMENTS, build_augment
 from ganlib.config import TrainConfig
 from ganlib.data import DATASETS, FOLDER, DataSpec
+from ganlib.envpath import expand_path, unset_variables
 from ganlib.errors import UserError
-from ganlib.extractors import EXTRACTORS
+from ganlib.extractors import EXTRACTORS, missing_weights
 from ganlib.metrics import MIN_SAMPLES
 from ganlib.nets import NETWORKS, NetConfig, build_networks
-from ganlib.strategies import build_strategy
+from ganlib.strategies import STRATEGIES, build_strategy
 
 PRESETS_DIR = importlib.resources.files("bench") / "presets"   # packaged matrix presets
 SETUPS_DIR = importlib.resources.files("bench") / "setups"     # packaged hardware setups
@@ -56,19 +59,55 @@ NO_AUGMENT = AugmentSpec("none", {}, "none")
 
 @dataclass(frozen=True)
 class PairSpec:
-    """Transfer from `source` (pretraining data) to `target` (transfer data; eval uses all of its classes)."""
+    """Transfer to `target` (transfer data) from `source` (data the source is pretrained on) or from
+    `source_checkpoint` (a pretrained StyleGAN2 file: the field's protocol starts from FFHQ-256).
 
-    source: DataSpec
+    Paths are kept as written (`$VAR`s expanded where files are opened: ganlib.envpath), so ids,
+    records and cache keys do not depend on where a machine keeps the files.
+    """
+
+    source: DataSpec | None
     target: DataSpec
+    source_checkpoint: str | None = None   # a rosinality-format .pt; exactly one of source, source_checkpoint
+    eval: DataSpec | None = None           # the images FID compares with; None: the target without its n
+    name: str | None = None                # the pair's id; None: made from source and target
+    fetch: str | None = None               # how to get the pair's files, said when they are missing
 
     @property
     def id(self) -> str:
-        return f"{self.source.slug}_2_{self.target.slug}"
+        if self.name:
+            return self.name
+        return f"{self.source.slug if self.source else checkpoint_slug(self.source_checkpoint)}_2_{self.target.slug}"
+
+    @property
+    def source_text(self) -> str:
+        """The source as records name it: a dataset spec, or `checkpoint:PATH`."""
+        return str(self.source) if self.source else f"checkpoint:{self.source_checkpoint}"
+
+    @property
+    def channels(self) -> int:
+        """Image channels of the pair's networks: the source data's; a StyleGAN2 checkpoint is RGB."""
+        return self.source.channels if self.source else 3
 
     @property
     def eval_target(self) -> DataSpec:
-        """The target domain without the few-shot subset: FID compares against the whole domain."""
-        return dataclasses.replace(self.target, n=None)
+        """The images FID compares with: `eval` when given (the field's full test folder), else the
+        target domain without the few-shot subset."""
+        return self.eval or dataclasses.replace(self.target, n=None)
+
+    @property
+    def shots_in_eval(self) -> bool:
+        """Whether the training shots are part of `eval_target` (chosen from it by n and seed), so
+        the rest of it is held out; False for a separate eval folder, all of which is held out."""
+        return self.eval is None
+
+
+def checkpoint_slug(path: str) -> str:
+    """`$GANBENCH_STYLEGAN2_FFHQ` -> `ckpt_ganbench_stylegan2_ffhq`, `/m/550000.pt` -> `ckpt_550000_<hash>`."""
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", Path(path.rstrip("/")).stem or path).strip("_").lower() or "file"
+    if path.startswith("$") and "/" not in path:
+        return f"ckpt_{stem}"
+    return f"ckpt_{stem}_{hashlib.sha1(path.encode()).hexdigest()[:6]}"
 
 
 @dataclass(frozen=True)
@@ -119,6 +158,19 @@ class MetricSpec:
     target_fid: float | None = None    # quality target for time/steps-to-target (same extractor)
     precision_recall: bool = True      # also precision/recall in the final evaluation
     inception_weights: str | None = None  # local Inception weights for offline inception-v3-compat
+    cap_at_real: bool = True           # generate at most as many images as the real set holds; false: the
+                                       # few-shot protocol's 5,000 samples against a smaller test folder
+
+
+@dataclass(frozen=True)
+class PublishedFids:
+    """FIDs a paper reports for the protocol a matrix follows, shown beside the measured ones so a
+    reader sees whether the run reproduces the literature."""
+
+    citation: str                           # who, what, where in the paper (table or figure)
+    fid: dict[str, dict[str, float]]        # pair id -> arm (`finetune`, `finetune+ada`) -> FID
+    url: str | None = None                  # where the numbers can be read
+    note: str | None = None                 # how the paper's protocol differs from the matrix's, if it does
 
 
 @dataclass(frozen=True)
@@ -160,6 +212,7 @@ class Matrix:
     raw: dict[str, Any] = field(default_factory=dict)
     # Augmentations per strategy id: the strategy entry's own `augment` list, else the matrix's.
     augments: dict[str, list[AugmentSpec]] = field(default_factory=dict)
+    published: list[PublishedFids] = field(default_factory=list)
 
     def cells(self) -> list[Cell]:
         """All cells, setup-major (one launch per setup runs its cells in this order)."""
@@ -173,16 +226,20 @@ class Matrix:
 
     def train_config(self, cell: Cell, **overrides) -> TrainConfig:
         """The transfer TrainConfig of a cell (source and output filled in by the runner)."""
-        channels = cell.pair.source.channels
-        values = {**self.train, "net": cell.network.name, "size": cell.network.size, "width": cell.network.width,
-                  "channels": channels, "data": str(cell.pair.target), "strategy": cell.strategy.name,
+        checkpoint = {"source_checkpoint": cell.pair.source_checkpoint} if cell.pair.source_checkpoint else {}
+        values = {**self.train, **checkpoint, "net": cell.network.name, "size": cell.network.size,
+                  "width": cell.network.width, "channels": cell.pair.channels, "data": str(cell.pair.target),
+                  "strategy": cell.strategy.name,
                   "strategy_options": dict(cell.strategy.options), "augment": cell.augment.name,
                   "augment_options": dict(cell.augment.options), "steps": self.transfer_steps,
                   "seed": cell.seed, "eval_every": self.metrics.eval_every, **overrides}
         return TrainConfig(**values).validate()
 
-    def source_config(self, cell: Cell, **overrides) -> TrainConfig:
-        """The pretraining TrainConfig of a cell's source (shared by every strategy of the pair)."""
+    def source_config(self, cell: Cell, **overrides) -> TrainConfig | None:
+        """The pretraining TrainConfig of a cell's source (shared by every strategy of the pair); None
+        for a pair whose source is a checkpoint (nothing to pretrain)."""
+        if cell.pair.source is None:
+            return None
         return self.train_config(cell, data=str(cell.pair.source), strategy="scratch", strategy_options={},
                                  augment="none", augment_options={}, steps=self.source_steps, eval_every=0,
                                  **overrides)
@@ -192,7 +249,7 @@ class Matrix:
 # loading and validation
 
 _TOP_KEYS = {"name", "description", "network", "networks", "pairs", "strategies", "augment", "setups", "seeds",
-             "source_steps", "transfer_steps", "train", "metrics", "workers"}
+             "source_steps", "transfer_steps", "train", "metrics", "workers", "published"}
 
 
 def preset_names() -> list[str]:
@@ -316,15 +373,7 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
         NETWORKS.get(spec.name)
         networks.append(spec)
 
-    pairs = []
-    for item in _listify(_require(data, "pairs", where)):
-        if not isinstance(item, dict) or set(item) != {"source", "target"}:
-            raise UserError(f"{where}: each pair needs exactly 'source' and 'target', got {item!r}")
-        pair = PairSpec(DataSpec.parse(item["source"]), DataSpec.parse(item["target"]))
-        for spec in (pair.source, pair.target):
-            if spec.name != FOLDER:
-                DATASETS.get(spec.name)
-        pairs.append(pair)
+    pairs = [_pair(item, where) for item in _listify(_require(data, "pairs", where))]
 
     default_augments = _augments(data.get("augment", ["none"]), where)
     strategies, augments = [], {}
@@ -361,20 +410,87 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     target = metrics.target_fid
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
         raise UserError(f"metrics target_fid={target!r} must be a number (an FID) or null for none")
-    if not isinstance(metrics.precision_recall, bool):
-        raise UserError(f"metrics precision_recall={metrics.precision_recall!r} must be true or false")
+    for key in ("precision_recall", "cap_at_real"):
+        if not isinstance(getattr(metrics, key), bool):
+            raise UserError(f"metrics {key}={getattr(metrics, key)!r} must be true or false")
 
     workers = data.get("workers", "auto")
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise UserError(f"{where}: workers={workers!r} must be auto or a whole number >= 1")
 
     matrix = Matrix(name=name, networks=networks, pairs=pairs, strategies=strategies, setups=setups, seeds=seeds,
-                    source_steps=_int(_require(data, "source_steps", where), "source_steps", 1),
+                    source_steps=_source_steps(data, pairs, where),
                     transfer_steps=_int(_require(data, "transfer_steps", where), "transfer_steps", 1),
                     train=train, metrics=metrics, raw=data, augments=augments,
-                    workers=None if workers == "auto" else workers)
+                    workers=None if workers == "auto" else workers,
+                    published=parse_published(data.get("published"), where))
     _check_cells(matrix, where)
+    _check_published(matrix, where)
     return matrix
+
+
+def parse_published(value: Any, where: str) -> list[PublishedFids]:
+    """A `published:` list: [{citation, url, note, fid: {pair id: {arm: FID}}}]."""
+    out = []
+    for item in _listify(value) if value is not None else []:
+        if not isinstance(item, dict) or set(item) - {"citation", "url", "note", "fid"} or \
+                not isinstance(item.get("citation"), str) or not isinstance(item.get("fid"), dict):
+            raise UserError(f"{where}: each published entry needs a citation (text) and fid ({{pair id: {{arm: FID}}}}); "
+                            f"optional url, note; got {item!r}")
+        fid = {}
+        for pair, arms in item["fid"].items():
+            if not isinstance(arms, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                                     for v in arms.values()):
+                raise UserError(f"{where}: published fid for pair {pair!r} must map arms to FIDs (numbers >= 0), "
+                                f"got {arms!r}")
+            fid[str(pair)] = {str(arm): float(v) for arm, v in arms.items()}
+        out.append(PublishedFids(item["citation"], fid, item.get("url"), item.get("note")))
+    return out
+
+
+def _check_published(matrix: Matrix, where: str) -> None:
+    """Published FIDs name pairs and arms of this matrix (a typo would silently show nothing)."""
+    pairs = {p.id for p in matrix.pairs}
+    arms = {c.arm for c in matrix.cells()}
+    for source in matrix.published:
+        for pair, values in source.fid.items():
+            if pair not in pairs:
+                raise UserError(f"{where}: published fid names pair {pair!r}; pairs: {', '.join(sorted(pairs))}")
+            bad = sorted(set(values) - arms)
+            if bad:
+                raise UserError(f"{where}: published fid for {pair} names arm {bad[0]!r}; arms: {', '.join(sorted(arms))}")
+
+
+def _source_steps(data: dict, pairs: list[PairSpec], where: str) -> int:
+    """Pretraining steps of each source: required when a pair pretrains one, else 0 (every source a checkpoint)."""
+    if "source_steps" not in data and all(p.source is None for p in pairs):
+        return 0
+    return _int(_require(data, "source_steps", where), "source_steps", 1)
+
+
+_PAIR_FORM = ("each pair needs a target and exactly one of source (data the source is pretrained on) or "
+              "source_checkpoint (a StyleGAN2 .pt); optional: eval (the images FID compares with), id, fetch")
+
+
+def _pair(item: Any, where: str) -> PairSpec:
+    """One `pairs:` entry as a PairSpec (see _PAIR_FORM)."""
+    keys = {"source", "source_checkpoint", "target", "eval", "id", "fetch"}
+    if (not isinstance(item, dict) or set(item) - keys or "target" not in item
+            or ("source" in item) == ("source_checkpoint" in item)):
+        raise UserError(f"{where}: {_PAIR_FORM}; got {item!r}")
+    for key in ("source_checkpoint", "id", "fetch"):
+        if key in item and (not isinstance(item[key], str) or not item[key].strip()):
+            raise UserError(f"{where}: pair {key} must be non-empty text, got {item[key]!r}")
+    if "id" in item and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", item["id"]):
+        raise UserError(f"{where}: pair id {item['id']!r} must be letters, digits, '_', '.' or '-' (it names files)")
+    pair = PairSpec(source=DataSpec.parse(item["source"]) if "source" in item else None,
+                    target=DataSpec.parse(item["target"]), source_checkpoint=item.get("source_checkpoint"),
+                    eval=DataSpec.parse(item["eval"]) if "eval" in item else None,
+                    name=item.get("id"), fetch=item.get("fetch"))
+    if pair.eval is not None and pair.target.n is None:
+        raise UserError(f"{where}: pair {pair.id} has an eval set, so its target {str(pair.target)!r} is the "
+                        "training shots: give their number, e.g. :n=10")
+    return pair
 
 
 def _augments(value: Any, where: str) -> list[AugmentSpec]:
@@ -406,10 +522,18 @@ def _check_cells(matrix: Matrix, where: str) -> None:
         seen[cell.id] = cell
         matrix.train_config(cell)   # every value a cell's training gets is checked here, not mid-run
         matrix.source_config(cell)
+    for pair in matrix.pairs:
+        if pair.source_checkpoint and "source_checkpoint" in matrix.train:
+            raise UserError(f"{where}: pair {pair.id} and train: both give a source_checkpoint; keep one")
+    if any(p.source_checkpoint for p in matrix.pairs) or matrix.train.get("source_checkpoint"):
+        other = sorted({n.name for n in matrix.networks} - {"stylegan2"})
+        if other:
+            raise UserError(f"{where}: a source_checkpoint is a rosinality StyleGAN2 file: it needs network "
+                            f"stylegan2, not {other[0]}")
     checked = set()
     for net in matrix.networks:
         for pair in matrix.pairs:
-            key = (net, pair.source.channels)
+            key = (net, pair.channels)
             if key in checked:
                 continue
             checked.add(key)
@@ -419,27 +543,75 @@ def _check_cells(matrix: Matrix, where: str) -> None:
                 build_strategy(s.name, s.options).check(family, G, D)
 
 
-def check_data(matrix: Matrix) -> None:
-    """Fail early on data that cannot be had: missing offline files, classes or n the data lacks,
-    a folder target too small to score (FID/KID need MIN_SAMPLES real images)."""
-    from ganlib.data import data_root, load_images
+def missing_files(matrix: Matrix, cells: list[Cell]) -> dict[str, str]:
+    """Cell id -> why it cannot run on this machine: a file it needs is absent (a `$VAR` unset, a folder
+    or checkpoint not there, a torchvision dataset not downloaded, Inception weights not local), with how
+    to get it. Such cells are recorded as skipped and the others run: a preset for data that lives
+    elsewhere (fewshot-ffhq) still runs what this machine has."""
+    weights = missing_weights(matrix.metrics.extractor, matrix.metrics.inception_weights)
+    out = {}
+    for cell in cells:
+        pair = cell.pair
+        needs = [("target", pair.target), ("eval", pair.eval_target)]
+        loads = STRATEGIES.get(cell.strategy.name).loads_source
+        checkpoint = pair.source_checkpoint or matrix.train.get("source_checkpoint")
+        if loads and not checkpoint:
+            needs.append(("source", pair.source))
+        reasons = [r for role, spec in needs if (r := _data_missing(spec, role))]
+        if loads and checkpoint:
+            reasons.append(_file_missing(checkpoint, "source checkpoint", directory=False))
+        reasons = [r for r in reasons if r] + ([weights] if weights else [])
+        if reasons:
+            out[cell.id] = reasons[0] + (f"; to get the files: {pair.fetch}" if pair.fetch else "")
+    return out
 
-    for pair in matrix.pairs:
-        channels = pair.source.channels
-        for spec in (pair.source, pair.target):
-            if spec.name == FOLDER:
+
+def _data_missing(spec: DataSpec, role: str) -> str | None:
+    """Why the images of `spec` are not on this machine (None: they are, or ship with ganbench)."""
+    from ganlib.data import data_root
+
+    if spec.name == FOLDER:
+        return _file_missing(spec.path, f"{role} folder", directory=True)
+    entry = DATASETS.get(spec.name)
+    if entry.directory is not None and not entry.directory(data_root()).exists():
+        return (f"dataset {spec.name!r} is not under {entry.directory(data_root())}: put the files there (or set "
+                f"$GANBENCH_DATA), or download them once with "
+                f"`python -m ganlib.train --data {spec.name} --download --steps 1`")
+    return None
+
+
+def _file_missing(text: str, what: str, directory: bool) -> str | None:
+    unset = unset_variables(text)
+    if unset:
+        return f"{what} {text} names ${unset[0]}, which is not set"
+    path = expand_path(text, what)
+    if not (path.is_dir() if directory else path.is_file()):
+        return f"{what} {path} does not exist" + (f" (from {text})" if str(path) != text else "")
+    return None
+
+
+def check_data(matrix: Matrix, missing: dict[str, str] | None = None) -> None:
+    """Fail early on data a cell cannot use (classes or n the data lacks, a folder target too small to
+    score: FID/KID need MIN_SAMPLES real images), for the cells whose files are there (`missing`:
+    missing_files' answer; those cells are skipped, not checked)."""
+    from ganlib.data import list_image_files, load_images
+
+    missing = missing or {}
+    present = [c for c in matrix.cells() if c.id not in missing]
+    specs = dict.fromkeys((spec, c.pair.channels, is_eval) for c in present
+                          for spec, is_eval in ((c.pair.source, False), (c.pair.target, False),
+                                                (c.pair.eval_target, True))
+                          if spec is not None and _data_missing(spec, "") is None)
+    for spec, channels, is_eval in specs:
+        if spec.name == FOLDER:
+            if is_eval:  # counted, not read: the field's test folders hold thousands of large images
+                if (count := len(list_image_files(spec.path))) < MIN_SAMPLES:
+                    raise UserError(f"target {str(spec)!r} holds {count} image(s); scoring a cell (FID/KID against "
+                                    f"the whole target) needs at least {MIN_SAMPLES}: add images")
+            else:
                 load_images(spec, 8, channels)
-                if spec is pair.target and len(real := load_images(pair.eval_target, 8, channels)) < MIN_SAMPLES:
-                    raise UserError(f"target {str(pair.eval_target)!r} holds {len(real)} image(s); scoring a cell "
-                                    f"(FID/KID against the whole target) needs at least {MIN_SAMPLES}: add images")
-                continue
-            entry = DATASETS.get(spec.name)
-            if entry.embedded:
-                load_images(spec, matrix.networks[0].size, channels)
-            elif entry.directory is not None and not entry.directory(data_root()).exists():
-                raise UserError(f"dataset {spec.name!r} is not under {entry.directory(data_root())}: put the files "
-                                "there (or set $GANBENCH_DATA), or download them once with "
-                                f"`python -m ganlib.train --data {spec.name} --download --steps 1`")
+        elif DATASETS.get(spec.name).embedded:
+            load_images(spec, matrix.networks[0].size, channels)
 
 
 def filter_cells(cells: list[Cell], only: str | None) -> list[Cell]:

@@ -16,14 +16,17 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import yaml
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup, escape
 
 from bench.columns import REPORT_COLUMNS
+from bench.matrix import PublishedFids, parse_published
 from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
 from bench.rundir import matrix_path, plots_dir, report_path
 from bench.stats import Verdict, verdicts
+from ganlib.errors import UserError
 
 ENV_COMMON = ("python", "torch", "accelerate", "cuda", "git_commit", "hostname")
 ENV_PER_SETUP = ("devices", "device_count", "num_processes", "mixed_precision")
@@ -313,9 +316,20 @@ def _env_block(records: list[dict]) -> Markup:
                                ENV_PER_SETUP, setups, note)
 
 
-def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict) -> Markup:
+def _published(run_dir: Path) -> list[PublishedFids]:
+    """The published FIDs of the run's matrix (its stored matrix.yaml); none for an older or odd file."""
+    try:
+        raw = yaml.safe_load(matrix_path(run_dir).read_text())
+        return parse_published(raw.get("published"), "matrix") if isinstance(raw, dict) else []
+    except (OSError, yaml.YAMLError, UserError):
+        return []
+
+
+def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict,
+                published: list[PublishedFids] = ()) -> Markup:
     strategies = ordered_unique(r["strategy"] for r in records)
     setups = ordered_unique(r["setup"] for r in records)
+    sources = [src for src in published if pair in src.fid]  # numbered [1], [2] in the table
     best_fid = {}
     for setup in setups:
         fids = [(stats[(pair, st, setup)]["quality/fid"].mean, st) for st in strategies
@@ -330,9 +344,11 @@ def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict) -> Ma
             per = stats.get(key, {})
             cells = [{"stat": per.get(c.key), "spec": c.spec,
                       "best": c.key == "quality/fid" and best_fid[setup] == strategy} for c in REPORT_COLUMNS]
+            reported = [f"{src.fid[pair][strategy]:.2f} [{i}]" for i, src in enumerate(sources, 1)
+                        if strategy in src.fid[pair]]
             rows.append({"strategy": strategy, "setup": setup, "cells": cells,
-                         "counts": format_counts(counts[key])})
-    return _macro("pair_table")([c.header for c in REPORT_COLUMNS], rows)
+                         "counts": format_counts(counts[key]), "published": "; ".join(reported) or "–"})
+    return _macro("pair_table")([c.header for c in REPORT_COLUMNS], rows, sources)
 
 
 def _samples(run_dir: Path, records: list[dict]) -> Markup:
@@ -387,6 +403,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     stats, counts = aggregate(records), status_counts(records)
     verdict_list = verdicts(records)
     pairs = group_by_pair(records)
+    published = _published(run_dir)
     total = {s: sum(r["status"] == s for r in records) for s in ("ok", "failed", "skipped")}
 
     parts = [_macro("header")(run_id, matrix, len(records), total, [(p, f"pair-{slug(p)}") for p in pairs],
@@ -399,7 +416,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         transfer = _transfer_panel(run_dir, sid, pair_records, plot_transfer(run_dir, pair, pair_records, colors))
         parts.append(_macro("pair_section")(
             pair, sid, pair_records[0], [v for v in verdict_list if v.pair == pair],
-            _pair_table(pair, pair_records, stats, counts), _not_ok_lines(pair_records),
+            _pair_table(pair, pair_records, stats, counts, published), _not_ok_lines(pair_records),
             concurrency_note(pair_records), transfer,
             {kind: _uri(path) for kind, path in plots.items()}, _samples(run_dir, pair_records)))
     parts.append(_not_ok_table(records))

@@ -32,9 +32,10 @@ import torch
 import yaml
 
 from bench import worker
-from bench.cell import failed_record, skipped_record
-from bench.matrix import Cell, Matrix, SetupSpec, check_data, filter_cells, load_matrix, parse_matrix
-from bench.results import append_record, latest_per_cell, load_records, records_so_far
+from bench.cell import failed_record
+from bench.matrix import (Cell, Matrix, SetupSpec, check_data, filter_cells, load_matrix, missing_files,
+                          parse_matrix)
+from bench.results import append_record, latest_per_cell, load_records
 from bench.rundir import (PLAN_FILE, launch_file, launch_name, lock_path, matrix_path, plan_lock_path, plan_path,
                           results_path)
 from bench.scheduler import (RELAUNCHES, Pool, PoolOptions, Progress, Slot, echo_to_stdout, pool_shape, pooled,
@@ -287,9 +288,10 @@ def run_matrix(matrix_ref: str | None, options: RunOptions = RunOptions()) -> in
         [matrix.setup(n) for n in dict.fromkeys(c.setup for c in planned)])
     if pool.workers is None:
         pool = PoolOptions(matrix.workers, pool.cells_per_gpu)
-    check_data(matrix)  # a dry run too: n larger than a class, missing offline data
+    missing = missing_files(matrix, cells)  # skipped, with how to get the files; the rest run
+    check_data(matrix, missing)  # a dry run too: n larger than a class, a folder too small to score
     if options.dry_run:
-        _print_plan(matrix, cells, planned, shard)
+        _print_plan(matrix, cells, planned, shard, missing)
         return 0
     check_writable(cache_root(), "cache directory", "set GANBENCH_CACHE or --cache-dir to a writable one")
     if external_launch():
@@ -309,14 +311,15 @@ def run_matrix(matrix_ref: str | None, options: RunOptions = RunOptions()) -> in
             return 130
 
 
-def _print_plan(matrix: Matrix, cells: list[Cell], planned: list[Cell], shard: Shard | None) -> None:
-    """`--dry-run`: the cells that would run (of `shard`, out of `planned`), each setup's skip reason."""
+def _print_plan(matrix: Matrix, cells: list[Cell], planned: list[Cell], shard: Shard | None,
+                missing: dict[str, str]) -> None:
+    """`--dry-run`: the cells that would run (of `shard`, out of `planned`), each skipped one's reason."""
     part = (f"shard {shard}: {len(cells)} of {len(planned)} cell(s), "
             f"{cost_share(matrix, cells, planned):.0%} of the expected cost, " if shard else f"{len(cells)} cell(s) ")
-    print(f"{part}of matrix {matrix.name!r} (source {matrix.source_steps} steps, "
-          f"transfer {matrix.transfer_steps} steps):")
+    source = f"source {matrix.source_steps} steps" if matrix.source_steps else "sources from checkpoints"
+    print(f"{part}of matrix {matrix.name!r} ({source}, transfer {matrix.transfer_steps} steps):")
     for i, cell in enumerate(cells, 1):
-        reason = unavailable(matrix.setup(cell.setup))
+        reason = unavailable(matrix.setup(cell.setup)) or missing.get(cell.id)
         print(f"  {i:3d}. {cell.id}" + (f"   [skipped: {reason}]" if reason else ""))
 
 
@@ -356,14 +359,10 @@ def _run_setups(matrix: Matrix, run_dir: Path, run_id: str, cells: list[Cell], o
         todo = [c for c in cells if c.setup == setup.name and c.id not in worker.finished_ids(run_dir)]
         if not todo:
             continue
-        reason = unavailable(setup)
-        if reason:
-            print(f"[bench] setup {setup.name} skipped: {reason}", flush=True)
-            latest = {r["cell_id"]: r for r in latest_per_cell(records_so_far(run_dir))}
-            for cell in todo:
-                before = latest.get(cell.id, {})
-                if (before.get("status"), before.get("reason")) != ("skipped", reason):  # a resume: said already
-                    append_record(run_dir, skipped_record(matrix, cell, run_id, reason))
+        reason = unavailable(setup)  # the hardware first: a GPU setup on a CPU machine is skipped whatever files it has
+        reasons = {c.id: reason for c in todo} if reason else missing_files(matrix, todo)
+        todo = worker.record_skips(run_dir, matrix, run_id, todo, reasons)
+        if not todo:
             continue
         if pooled(setup):
             _run_pool(matrix, setup, todo, run_dir, run_id, options, pool, progress)

@@ -72,7 +72,8 @@ def source_group(cell: Cell) -> tuple | None:
 
 
 def _loads_source(cell: Cell) -> bool:
-    return STRATEGIES.get(cell.strategy.name).loads_source
+    """Whether the cell needs a pretrained source (a pair whose source is a checkpoint pretrains none)."""
+    return STRATEGIES.get(cell.strategy.name).loads_source and cell.pair.source is not None
 
 
 def _group_key(cell: Cell) -> tuple:

@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from bench.cell import run_cell
-from bench.matrix import Matrix, parse_matrix, read_text_file, read_yaml
+from bench.cell import run_cell, skipped_record
+from bench.matrix import Cell, Matrix, missing_files, parse_matrix, read_text_file, read_yaml
 from bench.outcome import HARNESS_TIMEOUT_S
 from bench.results import CONCURRENCY, append_record, latest_per_cell, records_so_far
 from bench.rundir import launch_file, matrix_path, plan_path
@@ -75,6 +75,23 @@ def load_plan(run_dir: Path) -> tuple[Matrix, dict]:
     return matrix, plan
 
 
+def record_skips(run_dir: Path, matrix: Matrix, run_id: str, cells: list[Cell], reasons: dict[str, str]) -> list[Cell]:
+    """Record each cell of `cells` that has a reason as skipped (once: a resume that finds the same
+    reason says nothing new); the cells that have none, to run. Skipped cells are not finished: a
+    resume where the hardware or the files are now present runs them."""
+    skipped = [c for c in cells if reasons.get(c.id)]
+    if skipped:
+        latest = {r["cell_id"]: r for r in latest_per_cell(records_so_far(run_dir))}
+        for cell in skipped:
+            before = latest.get(cell.id, {})
+            if (before.get("status"), before.get("reason")) != ("skipped", reasons[cell.id]):
+                append_record(run_dir, skipped_record(matrix, cell, run_id, reasons[cell.id]))
+        for reason in dict.fromkeys(reasons[c.id] for c in skipped):
+            count = sum(reasons[c.id] == reason for c in skipped)
+            print(f"[bench] {count} cell(s) skipped: {reason}", flush=True)
+    return [c for c in cells if not reasons.get(c.id)]
+
+
 def finished_ids(run_dir: Path, statuses=FINISHED) -> set[str]:
     """Cell ids whose latest record has one of `statuses`."""
     return {r["cell_id"] for r in latest_per_cell(records_so_far(run_dir)) if r["status"] in statuses}
@@ -124,6 +141,11 @@ def run_setup(accelerator, run_dir: Path, setup: str | None, wandb: WandbTarget,
     name = name or setup or "external"
     done = broadcast_object(accelerator, finished_ids(run_dir) if accelerator.is_main_process else None)
     todo = [c for c in cells if c.id not in done]
+    # files absent here (a checkpoint, a data folder): skipped, as `bench run` does for the pools it starts
+    missing = broadcast_object(accelerator, missing_files(matrix, todo) if accelerator.is_main_process else None)
+    if accelerator.is_main_process:
+        record_skips(run_dir, matrix, plan["run_id"], todo, missing)
+    todo = [c for c in todo if c.id not in missing]
     total = len(planned)
     sink = wandb.sink(run_dir, enabled=accelerator.is_main_process)
     if accelerator.is_main_process:

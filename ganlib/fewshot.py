@@ -255,12 +255,15 @@ def training_positions(target: DataSpec, domain_size: int) -> torch.Tensor:
 
 def transfer_metrics(fake: torch.Tensor, target: DataSpec, domain: ImageSet, extractor: str,
                      device: str | torch.device = "cpu", batch_size: int = 250,
-                     inception_weights: str | None = None, lpips: bool = True) -> TransferResult:
+                     inception_weights: str | None = None, lpips: bool = True,
+                     shots: torch.Tensor | None = None) -> TransferResult:
     """All `transfer/*` metrics of generated images against a target; call on ONE process.
 
     fake: uint8 [N, C, H, W]; target: the transfer spec (maybe with n); domain: the whole target
     domain as loaded for `replace(target, n=None)` (same size and channels as fake), with labels
-    when the dataset has them. `lpips=False` forces feature-space diversity.
+    when the dataset has them. `shots`: the training images when they are not part of `domain` (the
+    field's protocol scores against a separate test folder, all of it held out); None: they are the
+    domain's images at `training_positions`. `lpips=False` forces feature-space diversity.
     """
     t0 = time.perf_counter()
     kwargs = {"device": device, "batch_size": batch_size, "inception_weights": inception_weights}
@@ -270,7 +273,7 @@ def transfer_metrics(fake: torch.Tensor, target: DataSpec, domain: ImageSet, ext
     real_feats, real_logits = _domain_features(domain.images, extractor, with_logits, **kwargs)
     out: dict = {}
 
-    train_pos = training_positions(target, domain.images.shape[0]) if target.n is not None else None
+    train_pos = training_positions(target, domain.images.shape[0]) if target.n is not None and shots is None else None
     heldout = torch.ones(domain.images.shape[0], dtype=torch.bool)
     if train_pos is not None:
         heldout[train_pos] = False
@@ -291,9 +294,9 @@ def transfer_metrics(fake: torch.Tensor, target: DataSpec, domain: ImageSet, ext
     nearest = None
     reason = fewshot_reason(target)
     if reason is None:
-        train_feats = real_feats[train_pos]
+        train_feats = real_feats[train_pos] if shots is None else extract(shots, extractor, False, **kwargs)[0]
         fake_nn, nearest = nearest_neighbours(fake_feats, train_feats)
-        out["transfer/num_shots"] = int(train_pos.numel())
+        out["transfer/num_shots"] = int(train_feats.shape[0])
         if heldout.any():
             heldout_feats = real_feats[heldout]
             heldout_nn, heldout_nearest = nearest_neighbours(heldout_feats, train_feats)

@@ -8,7 +8,8 @@ the extractor, its feature layer and weights, and the torch-fidelity version.
 
 Counts: the generated count is `MetricConfig.num_samples`; the real set is all target images given,
 and must hold at least as many images as are generated (else a UserError suggesting a smaller
-`num_samples`). KID's subset size defaults to min(1000, generated, real).
+`num_samples`), unless `more_fake_than_real` (the few-shot protocol: 5,000 samples against test sets
+of a few hundred to a few thousand images). KID's subset size defaults to min(1000, generated, real).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class MetricConfig:
     allow_download: bool = False          # let torch-fidelity download Inception weights if none are local
     cache_dir: str | None = None          # cache root; None = $GANBENCH_CACHE or ~/.cache/ganbench (uses stats/)
     batch_size: int = 250                 # images per feature-extractor forward pass
+    more_fake_than_real: bool = False     # allow more generated images than real ones (FID estimates each
+                                          # set's statistics separately; precision/recall's k-NN too)
 
     def validate(self) -> MetricConfig:
         """Raise a one-line UserError for a bad field; return self."""
@@ -223,7 +226,8 @@ def compute_metrics(fake: torch.Tensor, real: torch.Tensor, real_key: str, cfg: 
     num_fake, num_real = fake.shape[0], real.shape[0]
     if num_fake < MIN_SAMPLES:
         raise UserError(f"{num_fake} generated images: expected at least {MIN_SAMPLES}")
-    check_counts(num_fake, num_real)
+    if not cfg.more_fake_than_real:
+        check_counts(num_fake, num_real)
     if cfg.kid_subset_size is not None and cfg.kid_subset_size > num_fake:
         raise UserError(f"metrics kid_subset_size={cfg.kid_subset_size} exceeds the {num_fake} generated "
                         f"images; lower it or leave it None")
@@ -272,7 +276,8 @@ def evaluate_generator(accelerator, G: torch.nn.Module, real: torch.Tensor, real
     further metrics need no second generation and still reach every process.
     """
     cfg.validate()                                     # everything that can raise does so before collectives,
-    check_counts(cfg.num_samples, real.shape[0])       # identically on every process
+    if not cfg.more_fake_than_real:                    # identically on every process
+        check_counts(cfg.num_samples, real.shape[0])
     resolve_weights(cfg.extractor, cfg.inception_weights, cfg.allow_download)
     if cfg.num_samples < accelerator.num_processes:
         raise UserError(f"metrics num_samples={cfg.num_samples} is below the {accelerator.num_processes} "

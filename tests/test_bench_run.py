@@ -26,7 +26,7 @@ import bench.run as run_module
 from bench.__main__ import main as bench_main
 from bench.cell import run_cell
 from bench.matrix import load_matrix, parse_matrix
-from bench.results import load_records
+from bench.results import latest_per_cell, load_records
 from bench.run import RunOptions
 from bench.rundir import LOCK_FILE
 from bench.wandb_target import WandbTarget
@@ -625,3 +625,62 @@ def test_dry_run_checks_the_data_too(tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="n=99999"):
         run_module.run_matrix(str(matrix_file), RunOptions(dry_run=True, wandb=WandbTarget("disabled")))
     assert not (tmp_path / "runs").exists()
+
+
+# --- the field's protocol in miniature: a checkpoint source, 10 shots, a separate test folder --------
+
+def _image_folder(folder: Path, count: int, seed: int) -> None:
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(count):
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:03d}.png")
+
+
+@pytest.mark.slow
+def test_fewshot_protocol_runs_from_a_checkpoint_skips_what_is_missing_and_resumes_it(tmp_path, cache):
+    from test_rosinality import small_checkpoint
+
+    small_checkpoint(tmp_path / "ffhq.pt", size=32, width=2, latent=16, channels=3)
+    _image_folder(tmp_path / "data" / "babies" / "train", 10, seed=1)
+    _image_folder(tmp_path / "data" / "babies" / "test", 40, seed=2)
+    pair = {"source_checkpoint": "$GB_CKPT", "target": "folder:$GB_DATA/{}/train:n=10",
+            "eval": "folder:$GB_DATA/{}/test", "fetch": "gdown 1abc -O {}.zip"}
+    pairs = [{"id": d, **{k: v.format(d) for k, v in pair.items()}} for d in ("babies", "sketches")]
+    matrix = tiny_matrix(network={"name": "stylegan2", "size": 32, "width": 2}, pairs=pairs,
+                         strategies=["scratch", "finetune"], setups=["cpu-1proc"], transfer_steps=2,
+                         train={"batch": 4, "latent_dim": 16, "warmup_steps": 0},
+                         metrics={"num_samples": 60, "curve_samples": 20, "cap_at_real": False},
+                         published=[{"citation": "Paper et al., Table 1", "url": "https://example.org/t1",
+                                     "fid": {"babies": {"finetune": 104.79}}}])
+    del matrix["source_steps"]   # every source a checkpoint: nothing to pretrain
+    matrix_file, run_dir = write(tmp_path / "m.yaml", matrix), tmp_path / "run"
+    env = bench_env(cache, GB_CKPT=str(tmp_path / "ffhq.pt"), GB_DATA=str(tmp_path / "data"))
+
+    proc = bench(["run", str(matrix_file), "--out", str(run_dir)], tmp_path, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = {(r["pair"], r["strategy"]): r for r in latest_per_cell(records_of(run_dir))}
+    for strategy in ("scratch", "finetune"):
+        ok = recs[("babies", strategy)]
+        assert ok["status"] == "ok", ok["reason"]
+        assert ok["source"] == "checkpoint:$GB_CKPT" and ok["config"]["source_pretrain"] is None
+        m = ok["metrics"]
+        assert (m["quality/num_samples"], m["quality/num_real"]) == (60, 40)   # 60 samples against 40 reals
+        assert m["transfer/num_shots"] == 10 and m["transfer/num_heldout"] == 40   # the test folder, all held out
+        assert (run_dir / ok["artifacts"]["nearest"]).is_file()                   # samples above their nearest shots
+        skipped = recs[("sketches", strategy)]
+        assert skipped["status"] == "skipped"
+        assert skipped["reason"] == (f"target folder {tmp_path}/data/sketches/train does not exist (from "
+                                     "$GB_DATA/sketches/train); to get the files: gdown 1abc -O sketches.zip")
+    assert recs[("babies", "finetune")]["metrics"]["timing/source_pretrain_s"] is None
+    assert "2 cell(s) skipped: target folder" in proc.stdout
+    page = (run_dir / "report.html").read_text()
+    assert "published FID" in page and "104.79 [1]" in page and "Paper et al., Table 1" in page
+
+    _image_folder(tmp_path / "data" / "sketches" / "train", 10, seed=3)
+    _image_folder(tmp_path / "data" / "sketches" / "test", 30, seed=4)
+    proc = bench(["run", "--resume", str(run_dir)], tmp_path, env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    latest = latest_per_cell(records_of(run_dir))
+    assert [r["status"] for r in latest] == ["ok"] * 4
+    assert len(records_of(run_dir)) == 6   # babies ran once; sketches were skipped, then ran

@@ -331,3 +331,125 @@ def test_validating_a_matrix_does_not_import_the_training_loop():
     code = "import sys, bench.matrix; print('ganlib.train' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+# --- pairs from a checkpoint, eval folders, files that are missing, published FIDs -------------------
+
+def _stylegan_pairs(**pair) -> dict:
+    """A stylegan2 matrix with one checkpoint pair (`pair` overrides its keys; None drops one)."""
+    entry = {"id": "babies", "source_checkpoint": "$GB_CKPT", "target": "folder:$GB_DATA/babies/train:n=10",
+             "eval": "folder:$GB_DATA/babies/test", "fetch": "gdown 1abc -O babies.zip"}
+    for key, value in pair.items():
+        if value is None:
+            entry.pop(key, None)
+        else:
+            entry[key] = value
+    return _tiny(network={"name": "stylegan2", "size": 32, "width": 2}, pairs=[entry], source_steps=None,
+                 train={"batch": 4, "latent_dim": 16})
+
+
+def test_a_checkpoint_pair_has_no_source_data_and_keeps_its_paths_as_written():
+    matrix = parse_matrix(_stylegan_pairs(), "m.yaml")
+    pair = matrix.pairs[0]
+    assert pair.id == "babies" and pair.source is None and pair.channels == 3
+    assert pair.source_text == "checkpoint:$GB_CKPT"
+    assert str(pair.eval_target) == "folder:$GB_DATA/babies/test" and not pair.shots_in_eval
+    assert matrix.source_steps == 0
+    cell = next(c for c in matrix.cells() if c.strategy.id == "finetune")
+    assert cell.id.startswith("finetune-babies-")
+    assert matrix.train_config(cell).source_checkpoint == "$GB_CKPT" and matrix.source_config(cell) is None
+    unnamed = parse_matrix(_stylegan_pairs(id=None), "m.yaml").pairs[0]
+    assert unnamed.id.startswith("ckpt_gb_ckpt_2_folder_train_")
+
+
+@pytest.mark.parametrize("change, word", [
+    ({"source": "mnist5k"}, "exactly one of source"),                         # both sources
+    ({"source_checkpoint": None}, "exactly one of source"),                   # neither
+    ({"target": "folder:$GB_DATA/babies/train"}, "give their number"),       # an eval set, shots without n
+    ({"id": "a b"}, "pair id 'a b'"),
+    ({"fetch": ""}, "pair fetch must be non-empty"),
+])
+def test_bad_pairs_are_one_line(change, word):
+    with pytest.raises(UserError, match=word) as err:
+        parse_matrix(_stylegan_pairs(**change), "m.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_a_checkpoint_pair_needs_the_stylegan2_family():
+    data = _stylegan_pairs()
+    data["network"] = {"name": "dcgan", "size": 32, "width": 8}
+    with pytest.raises(UserError, match="needs network stylegan2, not dcgan"):
+        parse_matrix(data, "m.yaml")
+
+
+def test_missing_files_skip_the_cells_that_need_them_and_say_how_to_get_them(tmp_path, monkeypatch):
+    from bench.matrix import missing_files
+
+    monkeypatch.delenv("GB_CKPT", raising=False)
+    monkeypatch.setenv("GB_DATA", str(tmp_path))
+    matrix = parse_matrix(_stylegan_pairs(), "m.yaml")
+    cells = matrix.cells()
+    missing = missing_files(matrix, cells)
+    assert set(missing) == {c.id for c in cells}   # the target folders are not there either
+    scratch = next(c for c in cells if c.strategy.id == "scratch")
+    finetune = next(c for c in cells if c.strategy.id == "finetune")
+    assert missing[scratch.id].startswith(f"target folder {tmp_path}/babies/train does not exist")
+    assert missing[scratch.id].endswith("; to get the files: gdown 1abc -O babies.zip")
+    for part in ("train", "test"):
+        (tmp_path / "babies" / part).mkdir(parents=True)
+    missing = missing_files(matrix, cells)
+    assert scratch.id not in missing                # scratch loads no source: the checkpoint is not needed
+    assert missing[finetune.id].startswith("source checkpoint $GB_CKPT names $GB_CKPT, which is not set")
+    monkeypatch.setenv("GB_CKPT", str(tmp_path / "ffhq.pt"))
+    assert missing_files(matrix, cells)[finetune.id].startswith(f"source checkpoint {tmp_path}/ffhq.pt does not exist")
+    (tmp_path / "ffhq.pt").write_bytes(b"")
+    assert missing_files(matrix, cells) == {}
+
+
+def test_missing_inception_weights_skip_every_cell(tmp_path, monkeypatch):
+    from bench.matrix import missing_files
+
+    monkeypatch.setenv("GANBENCH_INCEPTION_WEIGHTS", str(tmp_path / "nope.pth"))
+    matrix = parse_matrix(_tiny(metrics={"extractor": "inception-v3-compat", "num_samples": 100,
+                                         "curve_samples": 50}), "m.yaml")
+    missing = missing_files(matrix, matrix.cells())
+    assert len(missing) == len(matrix.cells())
+    assert all(f"Inception weights file {tmp_path}/nope.pth does not exist" in r for r in missing.values())
+
+
+def test_missing_torchvision_data_is_a_skip_with_the_download_command(tmp_path, monkeypatch):
+    from bench.matrix import missing_files
+
+    monkeypatch.setenv("GANBENCH_DATA", str(tmp_path))
+    matrix = parse_matrix(_tiny(pairs=[{"source": "mnist5k:classes=0-4", "target": "fashion-mnist:n=25"}]), "m.yaml")
+    missing = missing_files(matrix, matrix.cells())
+    assert len(missing) == len(matrix.cells())
+    assert all("--data fashion-mnist --download" in r for r in missing.values())
+    check_data(matrix, missing)   # nothing left to check: no error
+
+
+@pytest.mark.parametrize("published, word", [
+    ([{"citation": "X", "fid": {"nope": {"finetune": 1.0}}}], "names pair 'nope'"),
+    ([{"citation": "X", "fid": {"babies": {"tgan": 1.0}}}], "names arm 'tgan'"),
+    ([{"citation": "X", "fid": {"babies": {"finetune": "high"}}}], "must map arms to FIDs"),
+    ([{"fid": {"babies": {"finetune": 1.0}}}], "needs a citation"),
+])
+def test_published_fids_name_pairs_and_arms_of_the_matrix(published, word):
+    data = _stylegan_pairs()
+    data["published"] = published
+    with pytest.raises(UserError, match=word):
+        parse_matrix(data, "m.yaml")
+    data["published"] = [{"citation": "X", "url": "https://x", "fid": {"babies": {"finetune": 104.79}}}]
+    assert parse_matrix(data, "m.yaml").published[0].fid == {"babies": {"finetune": 104.79}}
+
+
+def test_the_fewshot_preset_follows_the_protocol():
+    matrix = load_matrix("fewshot-ffhq")
+    assert {p.id for p in matrix.pairs} == {"babies", "sunglasses", "sketches"}
+    assert all(p.source_checkpoint == "$GANBENCH_STYLEGAN2_FFHQ" and p.target.n == 10 and p.eval is not None
+               and p.fetch for p in matrix.pairs)
+    assert matrix.metrics.extractor == "inception-v3-compat" and matrix.metrics.num_samples == 5000
+    assert not matrix.metrics.cap_at_real
+    assert {s.name for s in matrix.setups} == {"1xgpu-fp32", "1xgpu-bf16", "8xgpu-fp32", "8xgpu-bf16"}
+    assert (matrix.networks[0].size, matrix.networks[0].width, matrix.train["latent_dim"]) == (256, 64, 512)
+    assert matrix.published and all(src.url.startswith("https://") for src in matrix.published)

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ganlib.envpath import expand_path
 from ganlib.errors import UserError
 from ganlib.registry import Registry
 
@@ -228,8 +229,9 @@ def clear_memo() -> None:
 
 
 def list_image_files(path: str | os.PathLike) -> list[Path]:
-    """Every image file under `path` (recursive, IMAGE_SUFFIXES, any case), sorted by relative path."""
-    folder = Path(path).expanduser()
+    """Every image file under `path` (recursive, IMAGE_SUFFIXES, any case), sorted by relative path.
+    `path` may name environment variables (`$DATA/babies`: ganlib.envpath)."""
+    folder = expand_path(str(path), "image folder")
     if not folder.is_dir():
         raise UserError(f"image folder {str(folder)!r} does not exist or is not a folder; give an existing folder: folder:PATH")
     files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]

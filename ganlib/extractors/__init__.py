@@ -79,26 +79,37 @@ def resolve_weights(name: str, inception_weights: str | os.PathLike | None = Non
     none of them, None (= let torch-fidelity download) only when `allow_download`, else a UserError.
     We never probe the network: offline runs decide from files alone.
     """
-    info = EXTRACTORS.get(name)
-    if info.offline:
+    if EXTRACTORS.get(name).offline:
         return None
+    path, missing = _local_weights(name, inception_weights)
+    if path is not None:
+        _check_plain_state_dict(path)
+        return str(path)
+    if allow_download and not (inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)):
+        return None
+    raise UserError(missing)
+
+
+def missing_weights(name: str, inception_weights: str | os.PathLike | None = None) -> str | None:
+    """Why extractor `name` cannot run offline on this machine, with how to get its weights (None: it can)."""
+    if EXTRACTORS.get(name).offline:
+        return None
+    return _local_weights(name, inception_weights)[1]
+
+
+def _local_weights(name: str, inception_weights: str | os.PathLike | None) -> tuple[Path | None, str]:
+    """(the Inception weights file this machine has, or None; why there is none)."""
     given = inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV) or None
     if given is not None:
         path = Path(given).expanduser()
-        if not path.is_file():
-            raise UserError(f"Inception weights file {path} does not exist; point inception_weights or "
-                            f"${INCEPTION_WEIGHTS_ENV} at a copy of {INCEPTION_WEIGHTS_FILE}")
-        _check_plain_state_dict(path)
-        return str(path)
+        return (path, "") if path.is_file() else \
+            (None, f"Inception weights file {path} does not exist; point inception_weights or "
+                   f"${INCEPTION_WEIGHTS_ENV} at a copy of {URL_INCEPTION_V3}")
     cached = _inception_hub_cache()
     if cached.is_file():
-        _check_plain_state_dict(cached)
-        return str(cached)
-    if allow_download:
-        return None
-    raise UserError(f"extractor {name!r} needs Inception weights and none are local: download {URL_INCEPTION_V3} "
-                    f"and set inception_weights or ${INCEPTION_WEIGHTS_ENV} to it, use allow_download=True "
-                    f"when online, or use extractor 'lenet-mnist5k'")
+        return cached, ""
+    return None, (f"extractor {name!r} needs Inception weights and none are local: download {URL_INCEPTION_V3} "
+                  f"and set inception_weights or ${INCEPTION_WEIGHTS_ENV} to it, or use extractor 'lenet-mnist5k'")
 
 
 def weights_fingerprint(name: str, weights_path: str | None) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from ganlib.envpath import expand_path
 from ganlib.errors import UserError
 from ganlib.nets import NetConfig, build_networks
 from ganlib.nets.stylegan2 import fir_kernel
@@ -73,8 +74,9 @@ def map_name(name: str, rules) -> str | None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """The `g_ema`, `g` and `d` state dicts of a reference checkpoint; UserError for anything else."""
-    path = Path(path)
+    """The `g_ema`, `g` and `d` state dicts of a reference checkpoint; UserError for anything else.
+    `path` may name environment variables (`$GANBENCH_STYLEGAN2_FFHQ`: ganlib.envpath)."""
+    path = expand_path(str(path), "--source-checkpoint")
     if not path.is_file():
         raise UserError(f"--source-checkpoint {path} does not exist; pass a rosinality-format .pt file")
     try:
