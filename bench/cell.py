@@ -173,7 +173,7 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
     def transfer_fidelity(fake: torch.Tensor) -> dict[str, Any]:
         """Main process only: ganlib.fewshot's metrics of the final samples, and nearest.png."""
         fidelity = transfer_metrics(fake, cell.pair.target, domain, m.extractor, device=accelerator.device,
-                                    inception_weights=m.inception_weights)
+                                    inception_weights=m.inception_weights, intra_lpips=m.intra_lpips)
         if fidelity.nearest is not None:
             shots = real[training_positions(cell.pair.target, real.shape[0])]
             _save_nearest(fake[:NEAREST_SHOWN], shots[fidelity.nearest[:NEAREST_SHOWN]], cell_dir / NEAREST_FILE)

@@ -119,6 +119,8 @@ class MetricSpec:
     target_fid: float | None = None    # quality target for time/steps-to-target (same extractor)
     precision_recall: bool = True      # also precision/recall in the final evaluation
     inception_weights: str | None = None  # local Inception weights for offline inception-v3-compat
+    intra_lpips: bool = False          # few-shot cells: CDC's intra-LPIPS of the final samples, when lpips
+                                       # and its weights are present (ganlib.intra_lpips; LPIPS-VGG at 256 px)
 
 
 @dataclass(frozen=True)
@@ -363,6 +365,8 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
         raise UserError(f"metrics target_fid={target!r} must be a number (an FID) or null for none")
     if not isinstance(metrics.precision_recall, bool):
         raise UserError(f"metrics precision_recall={metrics.precision_recall!r} must be true or false")
+    if not isinstance(metrics.intra_lpips, bool):
+        raise UserError(f"metrics intra_lpips={metrics.intra_lpips!r} must be true or false")
 
     workers = data.get("workers", "auto")
     if workers != "auto" and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
