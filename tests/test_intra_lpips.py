@@ -14,6 +14,7 @@ import itertools
 import lpips
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 
 from bench.cell import run_cell
@@ -56,10 +57,14 @@ def jitter(image: torch.Tensor, count: int, seed: int, scale: float) -> torch.Te
 
 
 def reference(fake: torch.Tensor, shots: torch.Tensor, model) -> tuple[float | None, list[int]]:
-    """The protocol written the slow way: one LPIPS forward per pair, as the official code does."""
-    prep = lambda x: il._prepare(x[None], SIZE, "cpu")  # noqa: E731
+    """The protocol written the slow way: one LPIPS forward per pair, as the official code does, on
+    RGB images in [0, 1] that LPIPS itself rescales (`normalize=True`)."""
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        rgb = (x.float() / 255).expand(3, -1, -1)[None]
+        return F.interpolate(rgb, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True)
+
     with torch.no_grad():
-        dist = lambda a, b: model(prep(a), prep(b)).item()  # noqa: E731
+        dist = lambda a, b: model(prep(a), prep(b), normalize=True).item()  # noqa: E731
         nearest = [min(range(len(shots)), key=lambda s: dist(f, shots[s])) for f in fake]
         clusters = [[f for f, n in zip(fake, nearest) if n == s] for s in range(len(shots))]
         means = [sum(dist(a, b) for a, b in itertools.combinations(c, 2)) / (len(c) * (len(c) - 1) / 2)
@@ -79,7 +84,7 @@ def test_identical_samples_score_zero(model):
 
 
 def test_equals_the_pair_by_pair_reference(model):
-    shots, fake = images(3, seed=1), images(14, seed=2)
+    shots, fake = images(3, seed=1, channels=1), images(14, seed=2, channels=1)
     value, sizes = il.intra_lpips(fake, shots, model, batch_size=4, size=SIZE)
     ref_value, ref_sizes = reference(fake, shots, model)
     assert sizes == ref_sizes and sum(s >= 2 for s in sizes) >= 2  # the mean really is over clusters
