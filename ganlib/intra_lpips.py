@@ -73,7 +73,8 @@ def build_model(net: str = NET, device: str | torch.device = "cpu") -> torch.nn.
         raise UserError(reason)
     import lpips  # noqa: PLC0415 (an optional dependency)
 
-    with warnings.catch_warnings():  # lpips 0.1.4 asks torchvision for `pretrained=True`: IMAGENET1K_V1, the file checked
+    # lpips 0.1.4 asks torchvision for `pretrained=True` (deprecated: a warning), i.e. IMAGENET1K_V1, the file checked
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=UserWarning, module="torchvision.models._utils")
         return lpips.LPIPS(net=net, verbose=False).eval().to(device)
 
@@ -105,7 +106,7 @@ def _pair_distances(model, feats_a: list[torch.Tensor], feats_b: list[torch.Tens
     out = []
     for s in range(0, ia.numel(), PAIR_CHUNK):
         a, b = ia[s:s + PAIR_CHUNK], ib[s:s + PAIR_CHUNK]
-        d = sum(model.lins[k]((fa[a] - fb[b]) ** 2).mean(dim=(2, 3)) for k, (fa, fb) in enumerate(zip(feats_a, feats_b)))
+        d = sum(lin((fa[a] - fb[b]) ** 2).mean(dim=(2, 3)) for lin, fa, fb in zip(model.lins, feats_a, feats_b))
         out.append(d.flatten().float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 

@@ -159,7 +159,7 @@ def test_metric_spec_takes_only_a_bool():
 @pytest.fixture
 def alex_weights(empty_hub):
     """A random AlexNet saved where torchvision keeps its ImageNet weights: 'the weights are present'."""
-    url, file = il.backbone_weights("alex")
+    _, file = il.backbone_weights("alex")
     file.parent.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(torchvision.models.alexnet().state_dict(), file)
