@@ -38,8 +38,8 @@ from torch_fidelity.utils import create_feature_extractor
 
 from ganlib.data import ImageSet, choose_subset
 from ganlib.data.spec import DataSpec
-from ganlib.intra_lpips import build_model, intra_lpips_metrics, unavailable_reason
 from ganlib.extractors import EXTRACTORS, resolve_weights, weights_fingerprint
+from ganlib.intra_lpips import build_model, intra_lpips_metrics, unavailable_reason
 
 MEMORISED_QUANTILE = 0.05      # a sample is "memorised" when closer to a training image than this
                                # quantile of the held-out reals' nearest-training distances
