@@ -174,7 +174,8 @@ def _run(accelerator, matrix: Matrix, cell: Cell, run_dir: Path, cell_dir: Path,
         """Main process only: ganlib.fewshot's metrics of the final samples, and nearest.png."""
         separate = None if cell.pair.shots_in_eval else target  # a separate eval set holds no shot
         fidelity = transfer_metrics(fake, cell.pair.target, domain, m.extractor, device=accelerator.device,
-                                    inception_weights=m.inception_weights, shots=separate)
+                                    inception_weights=m.inception_weights, shots=separate,
+                                    intra_lpips=m.intra_lpips)
         if fidelity.nearest is not None:
             shots = target if separate is not None else real[training_positions(cell.pair.target, real.shape[0])]
             _save_nearest(fake[:NEAREST_SHOWN], shots[fidelity.nearest[:NEAREST_SHOWN]], cell_dir / NEAREST_FILE)

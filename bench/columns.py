@@ -34,6 +34,7 @@ KEY_METRICS: dict[str, Metric] = {m.key: m for m in (
     Metric("transfer/nn_dist_ratio", "NN dist ratio", "", ".2f"),
     Metric("transfer/diversity", "diversity", "", ".3g"),
     Metric("transfer/diversity_vs_real", "diversity / real", "", ".2f"),
+    Metric("transfer/intra_lpips", "intra-LPIPS", "", ".3f"),
 )}
 
 
@@ -60,6 +61,7 @@ REPORT_COLUMNS = (
     Column("device time (s)", "timing/device_seconds"),
     Column("target classes ↑", "transfer/target_class_share"),
     Column("memorised ↓", "transfer/memorised_share"),
+    Column("intra-LPIPS ↑", "transfer/intra_lpips"),
 )
 
 # `bench show`'s table (a terminal line: short headers, the std of FID only).
@@ -69,6 +71,7 @@ SHOW_COLUMNS = (
     Column("target cls", "transfer/target_class_share", with_std=False),
     Column("coverage", "transfer/class_coverage", with_std=False),
     Column("memorised", "transfer/memorised_share", with_std=False),
+    Column("intra-LPIPS", "transfer/intra_lpips", with_std=False),
     Column("img/s", "timing/img_per_s", with_std=False),
     Column("peak mem GB", "resources/peak_mem_gb", with_std=False),
     Column("wall s", "timing/wall_s", with_std=False),

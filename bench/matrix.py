@@ -160,6 +160,8 @@ class MetricSpec:
     inception_weights: str | None = None  # local Inception weights for offline inception-v3-compat
     cap_at_real: bool = True           # generate at most as many images as the real set holds; false: the
                                        # few-shot protocol's 5,000 samples against a smaller test folder
+    intra_lpips: bool = False          # few-shot cells: CDC's intra-LPIPS of the final samples, when lpips
+                                       # and its weights are present (ganlib.intra_lpips; LPIPS-VGG at 256 px)
 
 
 @dataclass(frozen=True)
@@ -410,7 +412,7 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     target = metrics.target_fid
     if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))):
         raise UserError(f"metrics target_fid={target!r} must be a number (an FID) or null for none")
-    for key in ("precision_recall", "cap_at_real"):
+    for key in ("precision_recall", "cap_at_real", "intra_lpips"):
         if not isinstance(getattr(metrics, key), bool):
             raise UserError(f"metrics {key}={getattr(metrics, key)!r} must be true or false")
 

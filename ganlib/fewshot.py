@@ -13,6 +13,8 @@ images (or collapsing onto a few of them). Each gets its own numbers here, all u
   domain's images outside the n): `memorised_share` (samples closer than the held-out reals' 5th
   percentile: a copier scores ~1, a generator of new images ~0.05) and `nn_dist_ratio` (median
   over median);
+- intra-LPIPS, for a few-shot target when asked for: CDC's protocol to the letter (LPIPS-VGG
+  clusters, 1,000 samples, 256 px; ganlib.intra_lpips), the number papers publish;
 - diversity, for a few-shot target: CDC's intra-cluster measure (Ojha et al. 2021): assign each
   sample to its nearest training image, average the pairwise distance inside each cluster with
   two or more samples, average over those clusters. LPIPS when the `lpips` package and its AlexNet
@@ -26,11 +28,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import importlib.util
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +39,7 @@ from torch_fidelity.utils import create_feature_extractor
 from ganlib.data import ImageSet, choose_subset
 from ganlib.data.spec import DataSpec
 from ganlib.extractors import EXTRACTORS, resolve_weights, weights_fingerprint
+from ganlib.intra_lpips import build_model, intra_lpips_metrics, unavailable_reason
 
 MEMORISED_QUANTILE = 0.05      # a sample is "memorised" when closer to a training image than this
                                # quantile of the held-out reals' nearest-training distances
@@ -207,16 +208,9 @@ def lpips_distances(device: str | torch.device = "cpu"):
     Needs the `lpips` package and torchvision's AlexNet weights already in the torch hub cache: we
     never download. Images are grey-to-RGB expanded and upscaled to LPIPS_MIN_SIZE when smaller.
     """
-    if importlib.util.find_spec("lpips") is None:
+    if unavailable_reason("alex") is not None:
         return None
-    from torchvision.models import AlexNet_Weights  # noqa: PLC0415 (only on the LPIPS path)
-
-    hub_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(AlexNet_Weights.IMAGENET1K_V1.url).name
-    if not hub_file.is_file():
-        return None
-    import lpips  # noqa: PLC0415
-
-    net = lpips.LPIPS(net="alex", verbose=False).to(device).eval()
+    net = build_model("alex", device)
 
     def to_input(images: torch.Tensor) -> torch.Tensor:
         x = images.to(device).float() / 127.5 - 1
@@ -256,14 +250,15 @@ def training_positions(target: DataSpec, domain_size: int) -> torch.Tensor:
 def transfer_metrics(fake: torch.Tensor, target: DataSpec, domain: ImageSet, extractor: str,
                      device: str | torch.device = "cpu", batch_size: int = 250,
                      inception_weights: str | None = None, lpips: bool = True,
-                     shots: torch.Tensor | None = None) -> TransferResult:
+                     shots: torch.Tensor | None = None, intra_lpips: bool = False) -> TransferResult:
     """All `transfer/*` metrics of generated images against a target; call on ONE process.
 
     fake: uint8 [N, C, H, W]; target: the transfer spec (maybe with n); domain: the whole target
     domain as loaded for `replace(target, n=None)` (same size and channels as fake), with labels
     when the dataset has them. `shots`: the training images when they are not part of `domain` (the
     field's protocol scores against a separate test folder, all of it held out); None: they are the
-    domain's images at `training_positions`. `lpips=False` forces feature-space diversity.
+    domain's images at `training_positions`. `lpips=False` forces feature-space diversity; `intra_lpips=True`
+    adds CDC's intra-LPIPS for a few-shot target (ganlib.intra_lpips: LPIPS-VGG at 256 px, slow on a CPU).
     """
     t0 = time.perf_counter()
     kwargs = {"device": device, "batch_size": batch_size, "inception_weights": inception_weights}
@@ -294,7 +289,8 @@ def transfer_metrics(fake: torch.Tensor, target: DataSpec, domain: ImageSet, ext
     nearest = None
     reason = fewshot_reason(target)
     if reason is None:
-        train_feats = real_feats[train_pos] if shots is None else extract(shots, extractor, False, **kwargs)[0]
+        shots = domain.images[train_pos] if shots is None else shots
+        train_feats = real_feats[train_pos] if train_pos is not None else extract(shots, extractor, False, **kwargs)[0]
         fake_nn, nearest = nearest_neighbours(fake_feats, train_feats)
         out["transfer/num_shots"] = int(train_feats.shape[0])
         if heldout.any():
@@ -306,6 +302,8 @@ def transfer_metrics(fake: torch.Tensor, target: DataSpec, domain: ImageSet, ext
             out["transfer/memorisation_reason"] = f"target {target} uses every image of its domain: none held out"
         out.update(_diversity(fake, fake_feats, nearest, domain.images[heldout], heldout_feats, heldout_nearest,
                               extractor, device if lpips else None))
+        if intra_lpips:
+            out.update(intra_lpips_metrics(fake, shots, device))
     else:
         out["transfer/fewshot_reason"] = reason
     out["transfer/eval_s"] = time.perf_counter() - t0

@@ -447,6 +447,7 @@ def test_pool_workers_that_keep_dying_at_start_up_fail_the_cells_after_one_relau
 def one_process(tmp_path, monkeypatch):
     """A 1-process accelerator, the tiny matrix (scratch only: no pretraining), a run directory."""
     monkeypatch.setenv("GANBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no LPIPS weights: the same metrics on every machine
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny networks: one thread is as fast and does not fight other processes
     matrix = parse_matrix(tiny_matrix(strategies=["scratch"], setups=["cpu-1proc"], transfer_steps=10), "tiny")
@@ -650,7 +651,7 @@ def test_fewshot_protocol_runs_from_a_checkpoint_skips_what_is_missing_and_resum
     matrix = tiny_matrix(network={"name": "stylegan2", "size": 32, "width": 2}, pairs=pairs,
                          strategies=["scratch", "finetune"], setups=["cpu-1proc"], transfer_steps=2,
                          train={"batch": 4, "latent_dim": 16, "warmup_steps": 0},
-                         metrics={"num_samples": 60, "curve_samples": 20, "cap_at_real": False},
+                         metrics={"num_samples": 60, "curve_samples": 20, "cap_at_real": False, "intra_lpips": True},
                          published=[{"citation": "Paper et al., Table 1", "url": "https://example.org/t1",
                                      "fid": {"babies": {"finetune": 104.79}}}])
     del matrix["source_steps"]   # every source a checkpoint: nothing to pretrain
@@ -668,6 +669,8 @@ def test_fewshot_protocol_runs_from_a_checkpoint_skips_what_is_missing_and_resum
         assert (m["quality/num_samples"], m["quality/num_real"]) == (60, 40)   # 60 samples against 40 reals
         assert m["transfer/num_shots"] == 10 and m["transfer/num_heldout"] == 40   # the test folder, all held out
         assert (run_dir / ok["artifacts"]["nearest"]).is_file()                   # samples above their nearest shots
+        assert m["transfer/intra_lpips_samples"] == 60                            # around the 10 shots of the folder
+        assert m["transfer/intra_lpips"] is not None or "vgg16" in m["transfer/intra_lpips_reason"]
         skipped = recs[("sketches", strategy)]
         assert skipped["status"] == "skipped"
         assert skipped["reason"] == (f"target folder {tmp_path}/data/sketches/train does not exist (from "

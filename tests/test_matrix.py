@@ -449,7 +449,7 @@ def test_the_fewshot_preset_follows_the_protocol():
     assert all(p.source_checkpoint == "$GANBENCH_STYLEGAN2_FFHQ" and p.target.n == 10 and p.eval is not None
                and p.fetch for p in matrix.pairs)
     assert matrix.metrics.extractor == "inception-v3-compat" and matrix.metrics.num_samples == 5000
-    assert not matrix.metrics.cap_at_real
+    assert not matrix.metrics.cap_at_real and matrix.metrics.intra_lpips
     assert {s.name for s in matrix.setups} == {"1xgpu-fp32", "1xgpu-bf16", "8xgpu-fp32", "8xgpu-bf16"}
     assert (matrix.networks[0].size, matrix.networks[0].width, matrix.train["latent_dim"]) == (256, 64, 512)
     assert matrix.published and all(src.url.startswith("https://") for src in matrix.published)
