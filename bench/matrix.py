@@ -26,6 +26,7 @@ from ganlib.errors import UserError
 from ganlib.extractors import EXTRACTORS, missing_weights
 from ganlib.metrics import MIN_SAMPLES
 from ganlib.nets import NETWORKS, NetConfig, build_networks
+from ganlib.nets.rosinality import load_source_checkpoint
 from ganlib.strategies import STRATEGIES, build_strategy
 
 PRESETS_DIR = importlib.resources.files("bench") / "presets"   # packaged matrix presets
@@ -604,6 +605,12 @@ def check_data(matrix: Matrix, missing: dict[str, str] | None = None) -> None:
                           for spec, is_eval in ((c.pair.source, False), (c.pair.target, False),
                                                 (c.pair.eval_target, True))
                           if spec is not None and _data_missing(spec, "") is None)
+    checkpoints = dict.fromkeys((path, c.network, c.pair.channels) for c in present
+                                if (path := c.pair.source_checkpoint or matrix.train.get("source_checkpoint"))
+                                and STRATEGIES.get(c.strategy.name).loads_source)
+    for path, net, channels in checkpoints:  # another architecture or size, a truncated or pickled file: now
+        cfg = NetConfig(net.name, net.size, channels, matrix.train.get("latent_dim", 100), net.width)
+        load_source_checkpoint(path, cfg, *build_networks(cfg))
     for spec, channels, is_eval in specs:
         if spec.name == FOLDER:
             if is_eval:  # counted, not read: the field's test folders hold thousands of large images

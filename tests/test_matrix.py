@@ -453,3 +453,27 @@ def test_the_fewshot_preset_follows_the_protocol():
     assert {s.name for s in matrix.setups} == {"1xgpu-fp32", "1xgpu-bf16", "8xgpu-fp32", "8xgpu-bf16"}
     assert (matrix.networks[0].size, matrix.networks[0].width, matrix.train["latent_dim"]) == (256, 64, 512)
     assert matrix.published and all(src.url.startswith("https://") for src in matrix.published)
+
+
+def test_a_present_checkpoint_that_does_not_fit_is_refused_before_anything_runs(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    from bench.matrix import missing_files
+    from test_rosinality import small_checkpoint
+
+    for part in ("train", "test"):
+        (tmp_path / "babies" / part).mkdir(parents=True)
+        for i in range(MIN_SAMPLES):
+            Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(tmp_path / "babies" / part / f"{i}.png")
+    monkeypatch.setenv("GB_DATA", str(tmp_path))
+    monkeypatch.setenv("GB_CKPT", str(tmp_path / "c.pt"))
+    matrix = parse_matrix(_stylegan_pairs(), "m.yaml")
+    small_checkpoint(tmp_path / "c.pt", size=32, width=2, latent=16, channels=3)
+    check_data(matrix, missing_files(matrix, matrix.cells()))           # it fits: nothing to say
+    small_checkpoint(tmp_path / "c.pt", size=32, width=4, latent=16, channels=3)
+    with pytest.raises(UserError, match="width 4; this run builds .* width=2"):
+        check_data(matrix, missing_files(matrix, matrix.cells()))
+    (tmp_path / "c.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:1000])
+    with pytest.raises(UserError, match="truncated or not a torch checkpoint"):
+        check_data(matrix, missing_files(matrix, matrix.cells()))
