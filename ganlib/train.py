@@ -466,7 +466,9 @@ class Trainer:
                     logs[f"loss/G/{name}"] = value.detach()
                     loss_g = loss_g + value
             accelerator.backward(loss_g)
-            if self._pl_due(step):  # G reg: its gradient joins this phase's optimiser step
+            # G reg: its gradient joins this phase's optimiser step; not while G's own weights are frozen
+            # (MineGAN's first stage trains the miner only: no path length of G's to regularise)
+            if self._pl_due(step) and plan.g_body and self.g_body_params:
                 with accelerator.autocast():
                     loss_pl, pl_logs = self.path_length.loss(self.G, fakes.z.detach(), self._reduce_mean)
                 logs.update(pl_logs)

@@ -653,3 +653,18 @@ def test_ddp_two_processes_train_what_the_table_says(tmp_path, source, family):
         final = load_dir(out_root / name)
         for stem in ("generator", "discriminator"):
             assert all(torch.equal(final[stem][n], t) for n, t in per_rank[1][STEPS][stem].items())
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES.names()])
+def test_every_strategy_trains_stylegan2_with_path_length_regularisation(monkeypatch, tmp_path, source, strategy):
+    """The field's settings (fewshot-ffhq: path length every 4 G steps) on every strategy: a frozen mapping
+    (scale_shift trains the style affines only) or a frozen G (minegan's first stage) must still train."""
+    # (Before the fix, scale_shift and minegan cells failed: "does not require grad".)
+    run = run_strategy(monkeypatch, tmp_path, source, strategy, "stylegan2", pl_weight=2.0, pl_interval=1)
+    check_table(run, strategy)
+    rows = run.curves["train"]
+    with_pl = [row["step"] for row in rows if "loss/G/pl" in row]
+    # G's own weights train from the phase boundary on in minegan (miner first) and two_phase (D first)
+    late = strategy in ("minegan", "two_phase")
+    g_trains = [row["step"] for row in rows if not late or row["step"] > STEPS // 2]  # rows count from 1
+    assert with_pl == g_trains, (with_pl, g_trains)   # every step G's own weights train, and only then

@@ -278,8 +278,11 @@ class StyleGAN2Generator(Generator):
     def forward(self, z: torch.Tensor, return_features: bool = False, noise_mode: str = "random",
                 return_ws: bool = False):
         """`return_ws=True`: (image, ws [N, num_ws, latent]), the per-layer w the image was made from
-        (what path-length regularisation differentiates with respect to, ganlib.losses)."""
+        (what path-length regularisation differentiates with respect to, ganlib.losses); a leaf that
+        requires grad when the mapping network is frozen (scale_shift trains the style affines only)."""
         w, ws = self._ws(z, mix=self.training and not return_features)
+        if return_ws and not ws.requires_grad:
+            ws = ws.detach().requires_grad_()
         features = [w]
         x = skip = None
         for i in range(1, len(self.blocks)):
