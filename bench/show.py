@@ -72,8 +72,7 @@ def format_table(records: Iterable[dict], per_cell: bool = False) -> str:
                                 + [_cell(per.get(c.key), c.spec, c.with_std) for c in SHOW_COLUMNS]
                                 + [format_counts(counts[key])])
             out += _align(rows, right=set(range(2, 2 + len(SHOW_COLUMNS))))
-        for r in not_ok(pair_records):
-            out.append(f"  {r['status']}: {r['cell_id']}: {r.get('reason') or 'no reason given'}")
+        out += _not_ok_lines(pair_records)
         if concurrency_note(pair_records):
             out.append("  " + concurrency_note(pair_records))
         out.append("")
@@ -107,3 +106,16 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _not_ok_lines(records: list[dict]) -> list[str]:
+    """The failed and skipped cells, one line per status and reason: a reason many cells share (a GPU
+    setup on a CPU machine, a domain's missing files with their fetch commands) is said once."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in not_ok(records):
+        groups.setdefault((r["status"], r.get("reason") or "no reason given"), []).append(r["cell_id"])
+    lines = []
+    for (status, reason), ids in groups.items():
+        who = ids[0] if len(ids) == 1 else f"{len(ids)} cells ({', '.join(ids[:2])}{', ...' if len(ids) > 2 else ''})"
+        lines.append(f"  {status}: {who}: {reason}")
+    return lines
