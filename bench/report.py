@@ -348,7 +348,8 @@ def _pair_table(pair: str, records: list[dict], stats: dict, counts: dict,
                         if strategy in src.fid[pair]]
             rows.append({"strategy": strategy, "setup": setup, "cells": cells,
                          "counts": format_counts(counts[key]), "published": "; ".join(reported) or "–"})
-    return _macro("pair_table")([c.header for c in REPORT_COLUMNS], rows, sources)
+    fid_at = [c.key for c in REPORT_COLUMNS].index("quality/fid")  # the published FID goes beside it
+    return _macro("pair_table")([c.header for c in REPORT_COLUMNS], rows, sources, fid_at)
 
 
 def _samples(run_dir: Path, records: list[dict]) -> Markup:
