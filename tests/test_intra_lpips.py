@@ -27,6 +27,8 @@ from ganlib.errors import UserError
 from ganlib.fewshot import transfer_metrics
 from test_bench_run import tiny_matrix
 
+# lpips 0.1.4 builds its backbone with torchvision's pre-0.13 arguments (deprecated, still accepted)
+pytestmark = pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")
 SIZE = 64   # px: LPIPS inputs in these tests (the protocol's 256 px would only make them slower)
 
 
