@@ -400,6 +400,9 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     owned = sorted(set(train) & CELL_OWNED)
     if owned:
         raise UserError(f"{where}: train.{owned[0]} is set per cell by the matrix; remove it from train:")
+    if "compile" in train:  # the launch's accelerator compiles (or not) before any cell's config is read
+        raise UserError(f"{where}: train.compile is the hardware setup's under bench (Accelerate's dynamo_config, "
+                        "e.g. setup 1xgpu-bf16-compile); remove it from train:")
     metrics_raw = _mapping(data, "metrics", where)
     known_metric = {f.name for f in dataclasses.fields(MetricSpec)}
     bad = sorted(set(metrics_raw) - known_metric)

@@ -477,3 +477,9 @@ def test_a_present_checkpoint_that_does_not_fit_is_refused_before_anything_runs(
     (tmp_path / "c.pt").write_bytes((tmp_path / "c.pt").read_bytes()[:1000])
     with pytest.raises(UserError, match="truncated or not a torch checkpoint"):
         check_data(matrix, missing_files(matrix, matrix.cells()))
+
+
+def test_compile_in_train_is_refused_not_silently_ignored():
+    # the worker's accelerator compiles per setup (dynamo_config); a train: value never reached it
+    with pytest.raises(UserError, match="train.compile is the hardware setup's under bench .*1xgpu-bf16-compile"):
+        parse_matrix(_tiny(train={"batch": 16, "compile": True}), "m.yaml")
