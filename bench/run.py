@@ -139,7 +139,8 @@ def launch(setup: SetupSpec, run_dir: Path, options: RunOptions, name: str | Non
     name = name or setup.name
     shard = options.shard
     cmd = _worker_command(setup, run_dir, options.base_config, [*options.wandb.cli_args(), "--name", name,
-                                                                 *(["--shard", str(shard)] if shard else [])])
+                                                                 *(["--shard", str(shard)] if shard else []),
+                                                                 *(["--only", options.only] if options.only else [])])
     env = _worker_env(setup)
     with open(launch_file(run_dir, name, "log"), "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -295,7 +296,7 @@ def run_matrix(matrix_ref: str | None, options: RunOptions = RunOptions()) -> in
         return 0
     check_writable(cache_root(), "cache directory", "set GANBENCH_CACHE or --cache-dir to a writable one")
     if external_launch():
-        return _run_in_process_group(matrix, run_dir, run_id, cells, resume is not None, options.wandb)
+        return _run_in_process_group(matrix, run_dir, run_id, cells, resume is not None, options.wandb, options.only)
     if resume is None:
         claim_new_run_dir(held, run_dir, shard)
         run_id = _claim_plan(run_dir, matrix, run_id, planned, shard)
@@ -444,7 +445,7 @@ def _forget_failed(run_dir: Path) -> None:
 
 
 def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | None, cells: list[Cell],
-                          resuming: bool, wandb: WandbTarget) -> int:
+                          resuming: bool, wandb: WandbTarget, only: str | None = None) -> int:
     """Under the user's launcher: the cells run right here, as cells of one setup that describes this launch.
 
     run_id None: a new run, `run_dir` the --out given or None (see `_agree_on_new_run`).
@@ -464,7 +465,7 @@ def _run_in_process_group(matrix: Matrix, run_dir: Path | None, run_id: str | No
         if accelerator.is_main_process:
             write_plan(run_dir, matrix, run_id, cells)
         accelerator.wait_for_everyone()
-    worker.run_setup(accelerator, run_dir, None, wandb)
+    worker.run_setup(accelerator, run_dir, None, wandb, only=only if resuming else None)  # a new plan holds only them
     code = 0
     with stack:
         if accelerator.is_main_process:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.cell import run_cell, skipped_record
-from bench.matrix import Cell, Matrix, missing_files, parse_matrix, read_text_file, read_yaml
+from bench.matrix import Cell, Matrix, filter_cells, missing_files, parse_matrix, read_text_file, read_yaml
 from bench.outcome import HARNESS_TIMEOUT_S
 from bench.results import CONCURRENCY, append_record, latest_per_cell, records_so_far
 from bench.rundir import launch_file, matrix_path, plan_path
@@ -126,17 +126,19 @@ def _write_pid(run_dir: Path, name: str) -> None:
 
 
 def run_setup(accelerator, run_dir: Path, setup: str | None, wandb: WandbTarget, shard: str | None = None,
-              name: str | None = None) -> int:
+              name: str | None = None, only: str | None = None) -> int:
     """Run the planned cells of `setup` (None: every planned cell) not yet finished; returns how many ran.
 
-    `shard` ("i/n"): only that shard's cells; `name`: the file stem of this launch under launch/
-    (default: the setup's name), distinct per shard when shards share a run directory.
+    `shard` ("i/n"): only that shard's cells; `only`: only the cells `bench run --resume --only`
+    selected (the same filter, after the shard's, as bench.run.resume_plan applies); `name`: the file
+    stem of this launch under launch/ (default: the setup's name), distinct per shard when shards
+    share a run directory.
     """
     from bench.shard import parse_shard, shard_cells
 
     matrix, plan = load_plan(run_dir)
     planned = [c for c in matrix.cells() if c.id in set(plan["cells"])]
-    planned = shard_cells(matrix, planned, parse_shard(shard) if shard else None)
+    planned = filter_cells(shard_cells(matrix, planned, parse_shard(shard) if shard else None), only)
     cells = [c for c in planned if setup is None or c.setup == setup]
     name = name or setup or "external"
     done = broadcast_object(accelerator, finished_ids(run_dir) if accelerator.is_main_process else None)
@@ -206,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     add_wandb_arguments(parser, "disabled", "W&B mode")
     parser.add_argument("--name", default=None, help="file stem of this launch under launch/")
     parser.add_argument("--shard", default=None, help="i/n: only that shard's cells")
+    parser.add_argument("--only", default=None, help="key=glob,...: only these planned cells (bench run --only)")
     parser.add_argument("--serve", action="store_true", help="a pool worker: run the cell ids read on stdin")
     parser.add_argument("--concurrent-cells", type=int, default=1, help="with --serve: cells sharing the device")
     args = parser.parse_args(argv)
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(accelerator, args.run_dir, args.name or args.setup, args.concurrent_cells, WandbTarget.from_args(args))
     else:
-        run_setup(accelerator, args.run_dir, args.setup, WandbTarget.from_args(args), args.shard, args.name)
+        run_setup(accelerator, args.run_dir, args.setup, WandbTarget.from_args(args), args.shard, args.name, args.only)
     shutdown(accelerator)
     return 0
 

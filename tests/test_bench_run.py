@@ -687,3 +687,16 @@ def test_fewshot_protocol_runs_from_a_checkpoint_skips_what_is_missing_and_resum
     latest = latest_per_cell(records_of(run_dir))
     assert [r["status"] for r in latest] == ["ok"] * 4
     assert len(records_of(run_dir)) == 6   # babies ran once; sketches were skipped, then ran
+
+
+def test_a_launch_runs_only_the_cells_resume_only_selected(one_process):
+    """`bench run --resume DIR --only ...` hands its filter to each multi-process launch: the worker
+    reads the whole plan, and ran every unfinished cell of its setup whatever --only said."""
+    from bench import worker
+
+    accelerator, _, _, run_dir = one_process
+    matrix = parse_matrix(tiny_matrix(strategies=["scratch"], setups=["cpu-2proc"], seeds=[0, 1], transfer_steps=4,
+                                      metrics={"num_samples": 20, "curve_samples": 20}), "tiny")
+    run_module.write_plan(run_dir, matrix, "run-id", matrix.cells())
+    ran = worker.run_setup(accelerator, run_dir, "cpu-2proc", WandbTarget("disabled"), only="seed=1")
+    assert ran == 1 and [r["seed"] for r in records_of(run_dir)] == [1]
