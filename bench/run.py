@@ -319,9 +319,14 @@ def _print_plan(matrix: Matrix, cells: list[Cell], planned: list[Cell], shard: S
             f"{cost_share(matrix, cells, planned):.0%} of the expected cost, " if shard else f"{len(cells)} cell(s) ")
     source = f"source {matrix.source_steps} steps" if matrix.source_steps else "sources from checkpoints"
     print(f"{part}of matrix {matrix.name!r} ({source}, transfer {matrix.transfer_steps} steps):")
+    notes: dict[str, int] = {}  # long reasons (missing files with their fetch commands), said once below
     for i, cell in enumerate(cells, 1):
         reason = unavailable(matrix.setup(cell.setup)) or missing.get(cell.id)
+        if reason and len(reason) > 100:
+            reason = f"({notes.setdefault(reason, len(notes) + 1)}) below"
         print(f"  {i:3d}. {cell.id}" + (f"   [skipped: {reason}]" if reason else ""))
+    for reason, k in notes.items():
+        print(f"({k}) {reason}")
 
 
 @contextlib.contextmanager

@@ -700,3 +700,17 @@ def test_a_launch_runs_only_the_cells_resume_only_selected(one_process):
     run_module.write_plan(run_dir, matrix, "run-id", matrix.cells())
     ran = worker.run_setup(accelerator, run_dir, "cpu-2proc", WandbTarget("disabled"), only="seed=1")
     assert ran == 1 and [r["seed"] for r in records_of(run_dir)] == [1]
+
+
+def test_dry_run_says_each_long_skip_reason_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GB_NOWHERE", raising=False)
+    fetch = "gdown 1abc -O shots.zip && unzip -q shots.zip -d $GB_NOWHERE/shots (a fetch command long enough to footnote)"
+    pairs = [{"source": "mnist5k:classes=0-4", "target": "folder:$GB_NOWHERE/shots:n=10", "fetch": fetch}]
+    matrix_file = write(tmp_path / "m.yaml", tiny_matrix(pairs=pairs, setups=["cpu-1proc"]))
+    assert run_module.run_matrix(str(matrix_file), RunOptions(dry_run=True, wandb=WandbTarget("disabled"))) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.endswith("[skipped: (1) below]") for line in lines) == 3   # scratch, finetune, freeze_d
+    notes = [line for line in lines if line.startswith("(1) ")]
+    assert notes == [f"(1) target folder $GB_NOWHERE/shots names $GB_NOWHERE, which is not set; to get the files: {fetch}"]
+    assert not (tmp_path / "runs").exists()
