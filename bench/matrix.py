@@ -455,16 +455,23 @@ def parse_published(value: Any, where: str) -> list[PublishedFids]:
 
 
 def _check_published(matrix: Matrix, where: str) -> None:
-    """Published FIDs name pairs and arms of this matrix (a typo would silently show nothing)."""
+    """Published FIDs name pairs of this matrix and arms ganbench has (`strategy` or `strategy+augment`,
+    by registered name or this matrix's ids): a typo would silently show nothing, while a copy of a
+    preset that drops a strategy keeps its published numbers."""
     pairs = {p.id for p in matrix.pairs}
-    arms = {c.arm for c in matrix.cells()}
+    strategies = set(STRATEGIES.names()) | {s.id for s in matrix.strategies}
+    augments = set(AUGMENTS.names()) | {a.id for specs in matrix.augments.values() for a in specs}
     for source in matrix.published:
         for pair, values in source.fid.items():
             if pair not in pairs:
-                raise UserError(f"{where}: published fid names pair {pair!r}; pairs: {', '.join(sorted(pairs))}")
-            bad = sorted(set(values) - arms)
-            if bad:
-                raise UserError(f"{where}: published fid for {pair} names arm {bad[0]!r}; arms: {', '.join(sorted(arms))}")
+                raise UserError(f"{where}: published fid names pair {pair!r}, which this matrix does not have "
+                                f"(pairs: {', '.join(sorted(pairs))}); drop it from published:, or run a preset's "
+                                "pairs with --only pair=...")
+            for arm in values:
+                strategy, _, augment = arm.partition("+")
+                if strategy not in strategies or (augment and augment not in augments):
+                    raise UserError(f"{where}: published fid for {pair} names arm {arm!r}: expected a strategy "
+                                    f"({', '.join(sorted(strategies))}), optionally +augment ({', '.join(sorted(augments))})")
 
 
 def _source_steps(data: dict, pairs: list[PairSpec], where: str) -> int:

@@ -431,6 +431,7 @@ def test_missing_torchvision_data_is_a_skip_with_the_download_command(tmp_path, 
 @pytest.mark.parametrize("published, word", [
     ([{"citation": "X", "fid": {"nope": {"finetune": 1.0}}}], "names pair 'nope'"),
     ([{"citation": "X", "fid": {"babies": {"tgan": 1.0}}}], "names arm 'tgan'"),
+    ([{"citation": "X", "fid": {"babies": {"finetune+adda": 1.0}}}], "names arm 'finetune\\+adda'"),
     ([{"citation": "X", "fid": {"babies": {"finetune": "high"}}}], "must map arms to FIDs"),
     ([{"fid": {"babies": {"finetune": 1.0}}}], "needs a citation"),
 ])
@@ -439,8 +440,8 @@ def test_published_fids_name_pairs_and_arms_of_the_matrix(published, word):
     data["published"] = published
     with pytest.raises(UserError, match=word):
         parse_matrix(data, "m.yaml")
-    data["published"] = [{"citation": "X", "url": "https://x", "fid": {"babies": {"finetune": 104.79}}}]
-    assert parse_matrix(data, "m.yaml").published[0].fid == {"babies": {"finetune": 104.79}}
+    data["published"] = [{"citation": "X", "url": "https://x", "fid": {"babies": {"finetune": 104.79, "cdc+ada": 1.0}}}]
+    assert parse_matrix(data, "m.yaml").published[0].fid == {"babies": {"finetune": 104.79, "cdc+ada": 1.0}}
 
 
 def test_the_fewshot_preset_follows_the_protocol():
