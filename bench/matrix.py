@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from bench.published import PublishedFids, check_published, parse_published
 from ganlib.augment import AUGMENTS, build_augment
 from ganlib.config import TrainConfig
 from ganlib.data import DATASETS, FOLDER, DataSpec
@@ -163,17 +164,6 @@ class MetricSpec:
                                        # few-shot protocol's 5,000 samples against a smaller test folder
     intra_lpips: bool = False          # few-shot cells: CDC's intra-LPIPS of the final samples, when lpips
                                        # and its weights are present (ganlib.intra_lpips; LPIPS-VGG at 256 px)
-
-
-@dataclass(frozen=True)
-class PublishedFids:
-    """FIDs a paper reports for the protocol a matrix follows, shown beside the measured ones so a
-    reader sees whether the run reproduces the literature."""
-
-    citation: str                           # who, what, where in the paper (table or figure)
-    fid: dict[str, dict[str, float]]        # pair id -> arm (`finetune`, `finetune+ada`) -> FID
-    url: str | None = None                  # where the numbers can be read
-    note: str | None = None                 # how the paper's protocol differs from the matrix's, if it does
 
 
 @dataclass(frozen=True)
@@ -431,47 +421,10 @@ def _parse_matrix(data: dict[str, Any], where: str) -> Matrix:
                     workers=None if workers == "auto" else workers,
                     published=parse_published(data.get("published"), where))
     _check_cells(matrix, where)
-    _check_published(matrix, where)
+    check_published(matrix.published, {p.id for p in matrix.pairs},
+                    set(STRATEGIES.names()) | {s.id for s in matrix.strategies},
+                    set(AUGMENTS.names()) | {a.id for specs in matrix.augments.values() for a in specs}, where)
     return matrix
-
-
-def parse_published(value: Any, where: str) -> list[PublishedFids]:
-    """A `published:` list: [{citation, url, note, fid: {pair id: {arm: FID}}}]."""
-    out = []
-    for item in _listify(value) if value is not None else []:
-        if not isinstance(item, dict) or set(item) - {"citation", "url", "note", "fid"} or \
-                not isinstance(item.get("citation"), str) or not isinstance(item.get("fid"), dict):
-            raise UserError(f"{where}: each published entry needs a citation (text) and fid ({{pair id: {{arm: FID}}}}); "
-                            f"optional url, note; got {item!r}")
-        fid = {}
-        for pair, arms in item["fid"].items():
-            if not isinstance(arms, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
-                                                     for v in arms.values()):
-                raise UserError(f"{where}: published fid for pair {pair!r} must map arms to FIDs (numbers >= 0), "
-                                f"got {arms!r}")
-            fid[str(pair)] = {str(arm): float(v) for arm, v in arms.items()}
-        out.append(PublishedFids(item["citation"], fid, item.get("url"), item.get("note")))
-    return out
-
-
-def _check_published(matrix: Matrix, where: str) -> None:
-    """Published FIDs name pairs of this matrix and arms ganbench has (`strategy` or `strategy+augment`,
-    by registered name or this matrix's ids): a typo would silently show nothing, while a copy of a
-    preset that drops a strategy keeps its published numbers."""
-    pairs = {p.id for p in matrix.pairs}
-    strategies = set(STRATEGIES.names()) | {s.id for s in matrix.strategies}
-    augments = set(AUGMENTS.names()) | {a.id for specs in matrix.augments.values() for a in specs}
-    for source in matrix.published:
-        for pair, values in source.fid.items():
-            if pair not in pairs:
-                raise UserError(f"{where}: published fid names pair {pair!r}, which this matrix does not have "
-                                f"(pairs: {', '.join(sorted(pairs))}); drop it from published:, or run a preset's "
-                                "pairs with --only pair=...")
-            for arm in values:
-                strategy, _, augment = arm.partition("+")
-                if strategy not in strategies or (augment and augment not in augments):
-                    raise UserError(f"{where}: published fid for {pair} names arm {arm!r}: expected a strategy "
-                                    f"({', '.join(sorted(strategies))}), optionally +augment ({', '.join(sorted(augments))})")
 
 
 def _source_steps(data: dict, pairs: list[PairSpec], where: str) -> int:

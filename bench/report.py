@@ -21,7 +21,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup, escape
 
 from bench.columns import REPORT_COLUMNS
-from bench.matrix import PublishedFids, parse_published
+from bench.published import PublishedFids, parse_published
 from bench.results import (Stat, aggregate, concurrency_note, format_counts, group_by_pair, latest_per_cell,
                            load_records, not_ok, ordered_unique, status_counts)
 from bench.rundir import matrix_path, plots_dir, report_path
