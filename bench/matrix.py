@@ -517,19 +517,24 @@ def missing_files(matrix: Matrix, cells: list[Cell]) -> dict[str, str]:
     weights = missing_weights(matrix.metrics.extractor, matrix.metrics.inception_weights)
     out = {}
     for cell in cells:
-        pair = cell.pair
-        needs = [("target", pair.target), ("eval", pair.eval_target)]
-        loads = STRATEGIES.get(cell.strategy.name).loads_source
-        checkpoint = pair.source_checkpoint or matrix.train.get("source_checkpoint")
-        if loads and not checkpoint:
-            needs.append(("source", pair.source))
-        reasons = [r for role, spec in needs if (r := _data_missing(spec, role))]
-        if loads and checkpoint:
+        pair, checkpoint = cell.pair, _start_checkpoint(matrix, cell)
+        reasons = [_data_missing(pair.target, "target"), _data_missing(pair.eval_target, "eval")]
+        if checkpoint:
             reasons.append(_file_missing(checkpoint, "source checkpoint", directory=False))
+        elif STRATEGIES.get(cell.strategy.name).loads_source:
+            reasons.append(_data_missing(pair.source, "source"))
         reasons = [r for r in reasons if r] + ([weights] if weights else [])
         if reasons:
             out[cell.id] = reasons[0] + (f"; to get the files: {pair.fetch}" if pair.fetch else "")
     return out
+
+
+def _start_checkpoint(matrix: Matrix, cell: Cell) -> str | None:
+    """The checkpoint a cell's transfer starts from (the pair's, else train:'s); None for a cell that
+    starts from a pretrained source or, like scratch, from nothing."""
+    if not STRATEGIES.get(cell.strategy.name).loads_source:
+        return None
+    return cell.pair.source_checkpoint or matrix.train.get("source_checkpoint") or None
 
 
 def _data_missing(spec: DataSpec, role: str) -> str | None:
@@ -569,8 +574,7 @@ def check_data(matrix: Matrix, missing: dict[str, str] | None = None) -> None:
                                                 (c.pair.eval_target, True))
                           if spec is not None and _data_missing(spec, "") is None)
     checkpoints = dict.fromkeys((path, c.network, c.pair.channels) for c in present
-                                if (path := c.pair.source_checkpoint or matrix.train.get("source_checkpoint"))
-                                and STRATEGIES.get(c.strategy.name).loads_source)
+                                if (path := _start_checkpoint(matrix, c)))
     for path, net, channels in checkpoints:  # another architecture or size, a truncated or pickled file: now
         cfg = NetConfig(net.name, net.size, channels, matrix.train.get("latent_dim", 100), net.width)
         load_source_checkpoint(path, cfg, *build_networks(cfg))

@@ -92,6 +92,20 @@ def show(*run_dirs: str | os.PathLike, per_cell: bool = False) -> str:
     return format_table([r for run_dir in run_dirs for r in load_records(run_dir)], per_cell=per_cell)
 
 
+
+def _not_ok_lines(records: list[dict]) -> list[str]:
+    """The failed and skipped cells, one line per status and reason: a reason many cells share (a GPU
+    setup on a CPU machine, a domain's missing files with their fetch commands) is said once."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in not_ok(records):
+        groups.setdefault((r["status"], r.get("reason") or "no reason given"), []).append(r["cell_id"])
+    lines = []
+    for (status, reason), ids in groups.items():
+        who = ids[0] if len(ids) == 1 else f"{len(ids)} cells ({', '.join(ids[:2])}{', ...' if len(ids) > 2 else ''})"
+        lines.append(f"  {status}: {who}: {reason}")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point for `python -m bench.show DIR [--cells]`."""
     from ganlib.errors import exit_on_user_error
@@ -106,16 +120,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-def _not_ok_lines(records: list[dict]) -> list[str]:
-    """The failed and skipped cells, one line per status and reason: a reason many cells share (a GPU
-    setup on a CPU machine, a domain's missing files with their fetch commands) is said once."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    for r in not_ok(records):
-        groups.setdefault((r["status"], r.get("reason") or "no reason given"), []).append(r["cell_id"])
-    lines = []
-    for (status, reason), ids in groups.items():
-        who = ids[0] if len(ids) == 1 else f"{len(ids)} cells ({', '.join(ids[:2])}{', ...' if len(ids) > 2 else ''})"
-        lines.append(f"  {status}: {who}: {reason}")
-    return lines
